@@ -1,0 +1,23 @@
+"""Where pdbox keeps things: $PDBOX_HOME (default: the XDG cache folder)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    env = os.environ.get("PDBOX_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "pdbox"
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def run_dir() -> Path:
+    """One running pdbox per PDBOX_HOME keeps its pid, ports and token here."""
+    return home() / "run"

@@ -1,0 +1,1 @@
+"""Worker processes: vLLM argv/env, the embedded model cache and the supervisor."""
