@@ -1,0 +1,182 @@
+"""Admission: a bounded, fair queue in front of the workers.
+
+At most `max_inflight` requests are let through at once; the next
+`queue_bound` wait; past that a request is refused at once with `QueueFull`
+(the HTTP layer answers 429 with Retry-After).
+
+Who goes next is the waiter with the smallest *virtual start*:
+
+    arrival + class_delay (batch only) + est_tokens * cost_s_per_token (capped)
+
+- interactive requests go before batch requests that arrived up to
+  `batch_delay_s` later, yet a batch request that has waited that long goes
+  before any newer interactive one: aging, so batch never starves;
+- within a class it is arrival order, with a small bias for short prompts so
+  a burst of long requests does not hold short ones back; the bias is capped
+  (`max_cost_s`), so a long request is overtaken only by requests arriving
+  within that window, never indefinitely.
+
+The clock is injected, so tests drive arrival times without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+PRIORITIES = ("interactive", "batch")
+
+
+class QueueFull(Exception):
+    """The wait queue is at its bound; retry after `retry_after_s` seconds."""
+
+    def __init__(self, retry_after_s: float, queued: int):
+        self.retry_after_s = retry_after_s
+        self.queued = queued
+        super().__init__(
+            f"the router's queue is full ({queued} waiting); retry in {retry_after_s:.0f} s"
+        )
+
+
+@dataclass(eq=False)
+class Ticket:
+    priority: str
+    est_tokens: int
+    arrived: float
+    admitted: float | None = None
+    released: bool = False
+
+    @property
+    def waited_s(self) -> float:
+        return 0.0 if self.admitted is None else self.admitted - self.arrived
+
+
+@dataclass(order=True)
+class _Waiter:
+    key: float
+    seq: int
+    ticket: Ticket = field(compare=False)
+    future: asyncio.Future[Ticket] = field(compare=False)
+
+
+class Admission:
+    def __init__(
+        self,
+        queue_bound: int,
+        max_inflight: int,
+        clock: Callable[[], float] = time.monotonic,
+        batch_delay_s: float = 30.0,
+        cost_s_per_token: float = 5e-5,
+        max_cost_s: float = 2.0,
+        prior_hold_s: float = 2.0,
+    ):
+        if queue_bound < 0 or max_inflight < 1:
+            raise ValueError("queue_bound must be ≥ 0 and max_inflight ≥ 1")
+        self.queue_bound = queue_bound
+        self.max_inflight = max_inflight
+        self.clock = clock
+        self.batch_delay_s = batch_delay_s
+        self.cost_s_per_token = cost_s_per_token
+        self.max_cost_s = max_cost_s
+        self._heap: list[_Waiter] = []
+        self._seq = itertools.count()
+        self._inflight = 0
+        self._hold_s = prior_hold_s  # EWMA of how long a ticket is held
+        self.rejected = 0
+        self.admitted = 0
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def queued(self) -> int:
+        return sum(1 for w in self._heap if not w.future.done())
+
+    def virtual_start(self, priority: str, est_tokens: int, arrived: float) -> float:
+        cost = min(self.max_cost_s, max(0, est_tokens) * self.cost_s_per_token)
+        delay = self.batch_delay_s if priority == "batch" else 0.0
+        return arrived + delay + cost
+
+    async def acquire(self, priority: str = "interactive", est_tokens: int = 0) -> Ticket:
+        if priority not in PRIORITIES:
+            raise ValueError(f"unknown priority {priority!r}; use interactive or batch")
+        now = self.clock()
+        ticket = Ticket(priority, est_tokens, now)
+        if self._inflight < self.max_inflight and not self._heap:
+            return self._admit(ticket)
+        if self.queued >= self.queue_bound:
+            self.rejected += 1
+            raise QueueFull(self.retry_after_s(), self.queued)
+        fut: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
+        heapq.heappush(
+            self._heap,
+            _Waiter(self.virtual_start(priority, est_tokens, now), next(self._seq), ticket, fut),
+        )
+        self._dispatch()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # The client went away. If we had already let it in, give the slot back.
+            if fut.done() and not fut.cancelled():
+                self.release(fut.result())
+            else:
+                fut.cancel()
+                self._compact()
+                self._dispatch()
+            raise
+
+    def release(self, ticket: Ticket) -> None:
+        if ticket.released or ticket.admitted is None:
+            return
+        ticket.released = True
+        self._inflight -= 1
+        held = max(0.0, self.clock() - ticket.admitted)
+        self._hold_s += 0.2 * (held - self._hold_s)
+        self._dispatch()
+
+    def retry_after_s(self) -> float:
+        """Seconds until the queue has probably drained by one bound's worth."""
+        waiting = self.queued + 1
+        return float(max(1, math.ceil(waiting * self._hold_s / self.max_inflight)))
+
+    def snapshot(self) -> dict[str, float | int]:
+        return {
+            "inflight": self._inflight,
+            "queued": self.queued,
+            "queue_bound": self.queue_bound,
+            "admitted": self.admitted,
+            "rejected": self.rejected,
+            "hold_s": round(self._hold_s, 3),
+        }
+
+    # ----------------------------------------------------------------- helpers
+
+    def _admit(self, ticket: Ticket) -> Ticket:
+        ticket.admitted = self.clock()
+        self._inflight += 1
+        self.admitted += 1
+        return ticket
+
+    def _compact(self) -> None:
+        # Cancelled waiters deep in the heap are skipped lazily; keep them from piling up.
+        if len(self._heap) > 2 * self.queue_bound + 16:
+            self._heap = [w for w in self._heap if not w.future.done()]
+            heapq.heapify(self._heap)
+
+    def _dispatch(self) -> None:
+        while self._heap and self._inflight < self.max_inflight:
+            w = heapq.heappop(self._heap)
+            if w.future.done():  # cancelled while waiting
+                continue
+            w.future.set_result(self._admit(w.ticket))
+        # Drop cancelled waiters lingering at the top so `queued` stays exact.
+        while self._heap and self._heap[0].future.done():
+            heapq.heappop(self._heap)

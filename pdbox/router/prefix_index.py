@@ -1,0 +1,237 @@
+"""Block hashes and the two prefix indexes the router scores workers with.
+
+A prompt is cut into blocks of the engine's KV block size. Each block's hash
+chains its parent's, so equal hashes mean equal tokens *and* equal prefix, and
+"how much of this prompt does worker W hold" is the count of leading hashes W
+holds. Only full blocks count: vLLM never caches a partial last block.
+
+Two indexes answer that question:
+
+- `ApproxIndex` remembers what the router itself sent where. It needs nothing
+  from the workers, but it cannot see evictions, so it is bounded by an LRU
+  per worker that should be about the worker's cache size.
+- `PreciseIndex` is fed by vLLM's KV-cache events (`kv_events.py`), so it
+  knows what each worker really holds, evictions included.
+
+Both are plain dicts in one thread (the router's event loop); no locks.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any
+
+# Seed of the first block's hash. Any constant works; a named one documents intent.
+_ROOT = 0x5D_B0_C5
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+    """Chained hashes of the full blocks of `token_ids`.
+
+    Python's hash of a tuple of ints does not depend on PYTHONHASHSEED (only
+    str/bytes hashing is salted), so these are stable across processes too.
+    """
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    ids = token_ids if isinstance(token_ids, tuple) else tuple(token_ids)
+    out: list[int] = []
+    parent = _ROOT
+    for start in range(0, len(ids) - block_size + 1, block_size):
+        parent = hash((parent, ids[start : start + block_size]))
+        out.append(parent)
+    return out
+
+
+def chain_hash(parent: int | None, block_tokens: Sequence[int]) -> int:
+    """The hash of one block given its parent's (None for the first block)."""
+    return hash((_ROOT if parent is None else parent, tuple(block_tokens)))
+
+
+def _leading(held: dict[int, Any] | OrderedDict[int, Any], hashes: Sequence[int]) -> int:
+    n = 0
+    for h in hashes:
+        if h not in held:
+            break
+        n += 1
+    return n
+
+
+class ApproxIndex:
+    """What the router sent where, LRU-bounded per worker.
+
+    `record` inserts a prompt's blocks last-to-first, so the leading blocks end
+    up most recent. vLLM frees a finished request's blocks tail first for the
+    same reason: evicting a prompt's first block would orphan all the blocks
+    after it, because matches are counted from the start.
+    """
+
+    def __init__(self, blocks_per_worker: int):
+        if blocks_per_worker < 1:
+            raise ValueError("blocks_per_worker must be at least 1")
+        self.blocks_per_worker = blocks_per_worker
+        self._workers: dict[str, OrderedDict[int, None]] = {}
+
+    def match(self, worker_id: str, hashes: Sequence[int]) -> int:
+        held = self._workers.get(worker_id)
+        return _leading(held, hashes) if held else 0
+
+    def match_all(self, worker_ids: Iterable[str], hashes: Sequence[int]) -> dict[str, int]:
+        return {w: self.match(w, hashes) for w in worker_ids}
+
+    def record(self, worker_id: str, hashes: Sequence[int]) -> None:
+        held = self._workers.setdefault(worker_id, OrderedDict())
+        for h in reversed(hashes):
+            if h in held:
+                held.move_to_end(h)
+            else:
+                held[h] = None
+        over = len(held) - self.blocks_per_worker
+        for _ in range(max(0, over)):
+            held.popitem(last=False)
+
+    def remove_worker(self, worker_id: str) -> None:
+        self._workers.pop(worker_id, None)
+
+    def clear(self, worker_id: str) -> None:
+        if worker_id in self._workers:
+            self._workers[worker_id] = OrderedDict()
+
+    def size(self, worker_id: str) -> int:
+        return len(self._workers.get(worker_id, ()))
+
+    def workers(self) -> list[str]:
+        return list(self._workers)
+
+
+class _WorkerBlocks:
+    """One worker's blocks as its KV events describe them."""
+
+    __slots__ = ("by_engine", "held")
+
+    def __init__(self) -> None:
+        # engine (vLLM) block hash -> router chained hash, in insertion order (for the bound)
+        self.by_engine: OrderedDict[Hashable, int] = OrderedDict()
+        # router hash -> how many engine blocks carry it (LoRA/salt variants share tokens)
+        self.held: dict[int, int] = {}
+
+    def add(self, engine_hash: Hashable, router_hash: int) -> None:
+        old = self.by_engine.get(engine_hash)
+        if old is not None:
+            self.by_engine.move_to_end(engine_hash)
+            if old == router_hash:
+                return
+            self._drop_router(old)
+        self.by_engine[engine_hash] = router_hash
+        self.held[router_hash] = self.held.get(router_hash, 0) + 1
+
+    def remove(self, engine_hash: Hashable) -> None:
+        router_hash = self.by_engine.pop(engine_hash, None)
+        if router_hash is not None:
+            self._drop_router(router_hash)
+
+    def evict_oldest(self) -> None:
+        _, router_hash = self.by_engine.popitem(last=False)
+        self._drop_router(router_hash)
+
+    def _drop_router(self, router_hash: int) -> None:
+        n = self.held.get(router_hash, 0) - 1
+        if n <= 0:
+            self.held.pop(router_hash, None)
+        else:
+            self.held[router_hash] = n
+
+
+class PreciseIndex:
+    """What each worker really caches, from vLLM's KV-cache events.
+
+    vLLM's own block hashes depend on its hash function and seed, which the
+    router does not share, so each stored block is re-hashed here from the
+    token ids the event carries, chained on the router hash of its parent.
+    A block whose parent the index never saw (events lost before we
+    subscribed) cannot be placed in a chain and is ignored.
+
+    Bounded as a safety net for lost `BlockRemoved` events: past
+    `max_blocks_per_worker` the oldest stored blocks are forgotten.
+    """
+
+    def __init__(self, block_size: int, max_blocks_per_worker: int = 1 << 18):
+        if block_size <= 0 or max_blocks_per_worker < 1:
+            raise ValueError("block_size and max_blocks_per_worker must be positive")
+        self.block_size = block_size
+        self.max_blocks_per_worker = max_blocks_per_worker
+        self._workers: dict[str, _WorkerBlocks] = {}
+        self.events_applied = 0
+        self.blocks_skipped = 0
+
+    def apply(self, worker_id: str, event: dict[str, Any]) -> None:
+        """Apply one decoded event: a dict with "type" and vLLM's field names."""
+        kind = event.get("type")
+        if kind == "BlockStored":
+            self._stored(worker_id, event)
+        elif kind == "BlockRemoved":
+            wb = self._workers.get(worker_id)
+            if wb is not None:
+                for h in event.get("block_hashes") or ():
+                    wb.remove(_key(h))
+        elif kind == "AllBlocksCleared":
+            self.clear(worker_id)
+        else:
+            return
+        self.events_applied += 1
+
+    def _stored(self, worker_id: str, ev: dict[str, Any]) -> None:
+        group = ev.get("group_idx")
+        if group not in (None, 0):
+            return  # hybrid models: only the first (full attention) group is indexed
+        engine_hashes = ev.get("block_hashes") or []
+        tokens = ev.get("token_ids") or []
+        size = int(ev.get("block_size") or self.block_size)
+        if size != self.block_size:
+            # Token-exact matching needs the router's blocks to equal the engine's.
+            self.blocks_skipped += len(engine_hashes)
+            return
+        wb = self._workers.setdefault(worker_id, _WorkerBlocks())
+        parent_engine = ev.get("parent_block_hash")
+        if parent_engine is None:
+            parent: int | None = None
+        else:
+            parent = wb.by_engine.get(_key(parent_engine))
+            if parent is None:
+                self.blocks_skipped += len(engine_hashes)
+                return
+        for i, eh in enumerate(engine_hashes):
+            block = tokens[i * size : (i + 1) * size]
+            if len(block) < size:
+                self.blocks_skipped += len(engine_hashes) - i
+                break
+            parent = chain_hash(parent, block)
+            wb.add(_key(eh), parent)
+        while len(wb.by_engine) > self.max_blocks_per_worker:
+            wb.evict_oldest()
+
+    def match(self, worker_id: str, hashes: Sequence[int]) -> int:
+        wb = self._workers.get(worker_id)
+        return _leading(wb.held, hashes) if wb else 0
+
+    def match_all(self, worker_ids: Iterable[str], hashes: Sequence[int]) -> dict[str, int]:
+        return {w: self.match(w, hashes) for w in worker_ids}
+
+    def clear(self, worker_id: str) -> None:
+        if worker_id in self._workers:
+            self._workers[worker_id] = _WorkerBlocks()
+
+    def remove_worker(self, worker_id: str) -> None:
+        self._workers.pop(worker_id, None)
+
+    def size(self, worker_id: str) -> int:
+        wb = self._workers.get(worker_id)
+        return len(wb.by_engine) if wb else 0
+
+
+def _key(h: Any) -> Hashable:
+    # Engine hashes are ints (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES) or bytes;
+    # msgpack may hand bytes back as a list in odd encoders, so normalise.
+    if isinstance(h, list):
+        return tuple(h)
+    return h

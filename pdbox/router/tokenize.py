@@ -1,0 +1,172 @@
+"""Prompt → token ids, as the served model's vLLM would tokenize it.
+
+Prefix matching is only as good as the tokens: the router must produce the
+same ids vLLM will, or no block hash will ever match a KV event. So this
+renders the model's own chat template (from `tokenizer_config.json`, or the
+`chat_template.jinja` file newer `transformers` write) with jinja2 in the
+sandbox `transformers` uses, then encodes with `tokenizers` and no added
+special tokens, as vLLM's chat endpoint does. Plain completions are encoded
+with the tokenizer's post-processor (special tokens added), as vLLM does.
+
+When no tokenizer is available (attach mode in front of a remote or mock
+server) `CharBlockTokenizer` stands in: it maps characters to ids and the
+router hashes blocks of characters, as sglang-router's radix tree does. Its
+hashes only ever match its own, so it pairs with the approximate index.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+Message = Mapping[str, Any]
+
+
+class TokenizerError(Exception):
+    """The model folder has no usable tokenizer; str() names the file."""
+
+
+def _text_of(content: Any) -> Any:
+    # OpenAI content parts -> one string, as vLLM does for string-format templates.
+    if isinstance(content, list):
+        texts = [p.get("text", "") for p in content if isinstance(p, Mapping)
+                 and p.get("type") in ("text", "input_text")]
+        return "\n".join(texts)
+    return content
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, Mapping):  # a serialised AddedToken
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class PromptTokenizer:
+    """The served model's tokenizer and chat template."""
+
+    units_per_token = 1.0  # ids are real tokens
+
+    def __init__(self, tokenizer: Any, chat_template: str | None, special: dict[str, str]):
+        self._tok = tokenizer
+        self._template_src = chat_template
+        self._template: Any = None
+        self.special = special
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path) -> PromptTokenizer:
+        from tokenizers import Tokenizer
+
+        folder = Path(path)
+        tj = folder / "tokenizer.json"
+        if not tj.is_file():
+            raise TokenizerError(f"{tj}: no such file; the model folder has no fast tokenizer")
+        try:
+            tok = Tokenizer.from_file(str(tj))
+        except Exception as exc:
+            raise TokenizerError(f"{tj}: cannot be loaded ({exc})") from None
+        config: dict[str, Any] = {}
+        tc = folder / "tokenizer_config.json"
+        if tc.is_file():
+            try:
+                config = json.loads(tc.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise TokenizerError(f"{tc}: not valid JSON ({exc})") from None
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: take "default"
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        jinja_file = folder / "chat_template.jinja"
+        if not template and jinja_file.is_file():
+            template = jinja_file.read_text(encoding="utf-8")
+        special: dict[str, str] = {}
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            text = _token_text(config.get(key))
+            if text is not None:
+                special[key] = text
+        return cls(tok, template or None, special)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template_src is not None
+
+    def render_chat(self, messages: Sequence[Message], **extra: Any) -> str:
+        if self._template_src is None:
+            raise TokenizerError("the model has no chat template")
+        if self._template is None:
+            self._template = _compile(self._template_src)
+        msgs = [{**m, "content": _text_of(m.get("content"))} for m in messages]
+        kwargs: dict[str, Any] = {"add_generation_prompt": True, **self.special, **extra}
+        return self._template.render(messages=msgs, **kwargs)
+
+    def encode_chat(self, messages: Sequence[Message], **extra: Any) -> list[int]:
+        return self._tok.encode(self.render_chat(messages, **extra), add_special_tokens=False).ids
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self._tok.encode(prompt, add_special_tokens=True).ids
+
+    def block_size_for(self, engine_block_size: int) -> int:
+        return engine_block_size
+
+
+def _compile(source: str) -> Any:
+    """Compile a chat template the way transformers does (sandboxed, trimmed)."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None,
+               separators: Any = None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                          separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as exc:
+        raise TokenizerError(f"the model's chat template does not compile: {exc}") from None
+
+
+class CharBlockTokenizer:
+    """Characters as ids, for routing when the model's tokenizer is unknown.
+
+    About `chars_per_token` characters make a token, so a block of the
+    engine's size is hashed as that many times more characters.
+    """
+
+    def __init__(self, chars_per_token: int = 4):
+        if chars_per_token < 1:
+            raise ValueError("chars_per_token must be at least 1")
+        self.units_per_token = float(chars_per_token)
+        self._chars_per_token = chars_per_token
+
+    @property
+    def has_chat_template(self) -> bool:
+        return False
+
+    def render_chat(self, messages: Sequence[Message], **extra: Any) -> str:
+        del extra
+        return "".join(f"<|{m.get('role', '')}|>{_text_of(m.get('content')) or ''}\n"
+                       for m in messages)
+
+    def encode_chat(self, messages: Sequence[Message], **extra: Any) -> list[int]:
+        return self.encode_prompt(self.render_chat(messages))
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return [ord(c) for c in prompt]
+
+    def block_size_for(self, engine_block_size: int) -> int:
+        return engine_block_size * self._chars_per_token
