@@ -55,11 +55,11 @@ class LazyGroup(click.Group):
         module, attr = target.split(":")
         try:
             return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
+        except (ImportError, AttributeError):
             # A command whose module is missing shows up but says why it can't run.
             @click.command(name=name, help=HELP.get(name, ""))
             def unavailable() -> None:
-                raise click.ClickException(f"'pdbox {name}' is not available: {exc}")
+                raise click.ClickException(f"'pdbox {name}' is not available: {reason}")
 
             return unavailable
 

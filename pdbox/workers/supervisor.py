@@ -1,0 +1,332 @@
+"""The supervisor: start, watch, restart, drain and stop vLLM worker processes.
+
+Each worker runs in its own process group (start_new_session), so stopping it
+is one killpg: SIGTERM, then SIGKILL after a grace period, which also reaches
+the engine-core processes vLLM forks. Processes, the clock and the health
+probe are injected, so the lifecycle (backoff, start failures, stop
+escalation) is tested with fakes and no sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from pdbox.workers.vllm import WorkerSpec
+
+STATES = ("starting", "warming", "ready", "draining", "restarting", "failed", "stopped")
+
+
+class SupervisorError(Exception):
+    """pdbox cannot go on (a worker keeps failing to start); str() is for the user."""
+
+
+# ------------------------------------------------------------------ injectables
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class RealClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class Proc(Protocol):
+    pid: int
+
+    def poll(self) -> int | None: ...
+    def signal_group(self, sig: int) -> None: ...
+
+
+class Launcher(Protocol):
+    def spawn(self, spec: WorkerSpec, log_path: Path) -> Proc: ...
+
+
+class Prober(Protocol):
+    async def healthy(self, spec: WorkerSpec) -> bool: ...
+    async def warm_up(self, spec: WorkerSpec) -> bool: ...
+
+
+@dataclass
+class PopenProc:
+    popen: subprocess.Popen[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def signal_group(self, sig: int) -> None:
+        # The worker leads its own group (start_new_session), so pgid == pid.
+        try:
+            os.killpg(self.popen.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class PopenLauncher:
+    def spawn(self, spec: WorkerSpec, log_path: Path) -> Proc:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            popen = subprocess.Popen(
+                spec.argv,
+                env=spec.env,
+                stdin=subprocess.DEVNULL,
+                stdout=fd,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        finally:
+            os.close(fd)
+        return PopenProc(popen)
+
+
+# ----------------------------------------------------------------------- worker
+
+
+@dataclass
+class Worker:
+    spec: WorkerSpec
+    log_path: Path
+    state: str = "starting"
+    proc: Proc | None = None
+    restarts: int = 0
+    start_failures: int = 0
+    started_at: float = 0.0
+    next_start_at: float = 0.0
+    unhealthy_since: float | None = None
+    exit_code: int | None = None
+    generation: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def role(self) -> str:
+        return self.spec.role
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def log_tail(self, lines: int = 20) -> list[str]:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - 64 * 1024))
+                data = f.read().decode("utf-8", "replace")
+        except OSError:
+            return []
+        return data.splitlines()[-lines:]
+
+
+@dataclass
+class SupervisorSettings:
+    start_timeout_s: float = 600.0
+    max_start_failures: int = 3
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 30.0
+    stop_grace_s: float = 10.0
+    # A ready worker whose /health fails for this long is restarted (a hang).
+    health_timeout_s: float = 15.0
+    tick_s: float = 0.5
+    sequential_start: bool = False  # GPUs: one engine after another
+
+
+Event = Callable[[str, str], None]  # (kind, message)
+
+
+@dataclass
+class Supervisor:
+    launcher: Launcher
+    prober: Prober
+    clock: Clock
+    log_dir: Path
+    settings: SupervisorSettings = field(default_factory=SupervisorSettings)
+    on_event: Event = lambda kind, msg: None
+    on_state: Callable[[Worker], None] = lambda w: None
+    workers: dict[str, Worker] = field(default_factory=dict)
+    fatal: str | None = None
+    _recent: deque[str] = field(default_factory=lambda: deque(maxlen=200))
+
+    # -------------------------------------------------------------- lifecycle
+
+    def add(self, spec: WorkerSpec) -> Worker:
+        w = Worker(spec=spec, log_path=self.log_dir / f"{spec.id}.log")
+        self.workers[spec.id] = w
+        if not self.settings.sequential_start or not self._someone_starting():
+            self._spawn(w)
+        else:
+            w.next_start_at = 0.0  # spawned by tick() once the one starting now is ready
+        return w
+
+    def _someone_starting(self) -> bool:
+        return any(
+            w.state in ("starting", "warming") and w.proc is not None for w in self.workers.values()
+        )
+
+    def _spawn(self, w: Worker) -> None:
+        w.generation += 1
+        w.proc = self.launcher.spawn(w.spec, w.log_path)
+        w.started_at = self.clock.now()
+        w.exit_code = None
+        w.unhealthy_since = None
+        self._set(w, "starting", f"{w.id} starting (pid {w.proc.pid}, {w.spec.slice or 'gpu'})")
+
+    def _set(self, w: Worker, state: str, message: str | None = None) -> None:
+        if w.state != state or message:
+            w.state = state
+            if message:
+                self.on_event("worker", message)
+            self.on_state(w)
+
+    def _backoff(self, failures: int) -> float:
+        return min(self.settings.backoff_base_s * 2 ** max(0, failures - 1), self.settings.backoff_cap_s)
+
+    async def tick(self) -> None:
+        """One pass over every worker: notice exits, hangs, readiness; restart with backoff."""
+        now = self.clock.now()
+        for w in list(self.workers.values()):
+            if w.state in ("stopped", "failed"):
+                continue
+            if w.proc is None:
+                if w.state == "restarting" and now >= w.next_start_at:
+                    if self.settings.sequential_start and self._someone_starting():
+                        continue
+                    self._spawn(w)
+                elif w.state == "starting" and now >= w.next_start_at:
+                    if not (self.settings.sequential_start and self._someone_starting()):
+                        self._spawn(w)
+                continue
+            code = w.proc.poll()
+            if code is not None:
+                await self._on_exit(w, code, now)
+                continue
+            if w.state == "starting":
+                if await self.prober.healthy(w.spec):
+                    self._set(w, "warming", f"{w.id} answers /health; warming up")
+                    if await self.prober.warm_up(w.spec):
+                        w.start_failures = 0
+                        self._set(w, "ready", f"{w.id} ready on port {w.spec.ports.http}")
+                    else:
+                        self._set(w, "starting")
+                elif now - w.started_at > self.settings.start_timeout_s:
+                    w.proc.signal_group(signal.SIGKILL)
+                    await self._on_exit(w, -9, now, reason="did not become ready in time")
+            elif w.state in ("ready", "draining"):
+                if await self.prober.healthy(w.spec):
+                    w.unhealthy_since = None
+                else:
+                    w.unhealthy_since = w.unhealthy_since or now
+                    if now - w.unhealthy_since >= self.settings.health_timeout_s:
+                        self.on_event("worker", f"{w.id} stopped answering /health; restarting it")
+                        w.proc.signal_group(signal.SIGKILL)
+                        await self._on_exit(w, -9, now, reason="hung")
+
+    async def _on_exit(self, w: Worker, code: int, now: float, reason: str = "") -> None:
+        w.exit_code = code
+        w.proc = None
+        if w.state == "draining":
+            self._set(w, "stopped", f"{w.id} stopped")
+            return
+        was_starting = w.state in ("starting", "warming")
+        why = reason or f"exited with code {code}"
+        if was_starting:
+            w.start_failures += 1
+            if w.start_failures >= self.settings.max_start_failures:
+                tail = "\n".join(w.log_tail(20))
+                self.fatal = (
+                    f"{w.id} failed to start {w.start_failures} times ({why}); "
+                    f"last lines of {w.log_path}:\n{tail}"
+                )
+                self._set(w, "failed", f"{w.id} failed to start {w.start_failures} times")
+                return
+            delay = self._backoff(w.start_failures)
+        else:
+            delay = self._backoff(1)
+        w.restarts += 1
+        w.next_start_at = now + delay
+        self._set(w, "restarting", f"{w.id} {why}; restarting in {delay:.0f}s")
+
+    async def wait_ready(self, ids: list[str] | None = None, timeout: float | None = None) -> None:
+        """Tick until the given workers are ready, or raise SupervisorError."""
+        deadline = None if timeout is None else self.clock.now() + timeout
+        while True:
+            await self.tick()
+            if self.fatal:
+                raise SupervisorError(self.fatal)
+            ws = [self.workers[i] for i in (ids or list(self.workers))]
+            if all(w.state == "ready" for w in ws):
+                return
+            if deadline is not None and self.clock.now() > deadline:
+                raise SupervisorError("workers did not become ready in time")
+            await self.clock.sleep(self.settings.tick_s)
+
+    async def restart(self, wid: str) -> None:
+        w = self.workers[wid]
+        if w.proc is not None:
+            await self._stop_one(w)
+        w.restarts += 1
+        w.start_failures = 0
+        w.next_start_at = self.clock.now()
+        self._set(w, "restarting", f"{w.id} restart requested")
+
+    def begin_drain(self, wid: str) -> None:
+        w = self.workers[wid]
+        self._set(w, "draining", f"{w.id} draining")
+
+    async def finish_drain(self, wid: str) -> None:
+        """Stop a drained worker and forget it."""
+        w = self.workers[wid]
+        await self._stop_one(w)
+        self._set(w, "stopped", f"{w.id} stopped")
+        del self.workers[wid]
+
+    async def _stop_one(self, w: Worker) -> None:
+        if w.proc is None:
+            return
+        await self._stop_procs([w])
+
+    async def _stop_procs(self, ws: list[Worker]) -> None:
+        live = [w for w in ws if w.proc is not None]
+        for w in live:
+            w.proc.signal_group(signal.SIGTERM)  # type: ignore[union-attr]
+        deadline = self.clock.now() + self.settings.stop_grace_s
+        while self.clock.now() < deadline:
+            if all(w.proc is None or w.proc.poll() is not None for w in live):
+                break
+            await self.clock.sleep(0.1)
+        for w in live:
+            # SIGKILL the whole group even when the leader is gone: the
+            # engine-core children may still be alive in it.
+            w.proc.signal_group(signal.SIGKILL)  # type: ignore[union-attr]
+            w.proc = None
+
+    async def stop_all(self) -> None:
+        ws = list(self.workers.values())
+        await self._stop_procs(ws)
+        for w in ws:
+            if w.state != "stopped":
+                self._set(w, "stopped")
+
+    def pgids(self) -> list[int]:
+        return [w.proc.pid for w in self.workers.values() if w.proc is not None]

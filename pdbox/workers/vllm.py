@@ -1,0 +1,198 @@
+"""argv and environment for one vLLM worker of a role.
+
+Pure functions: a profile, a role, the worker's index and its ports in; a
+WorkerSpec out. argv is always a list (never a shell string), so nothing in a
+profile can inject a command; extra_args were checked against a deny-list
+when the profile was loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pdbox.config import Profile, RoleConfig, parse_core_set
+from pdbox.workers.tuning import CHECKED_VERSIONS, Tuning
+
+SITE_DIR = Path(__file__).parent / "_site"
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer"}
+
+
+@dataclass(frozen=True)
+class WorkerPorts:
+    http: int
+    side_channel: int = 0  # NIXL side channel (P/D only)
+    kv_events: int = 0  # ZMQ publisher of KV-cache events (0: off)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    id: str
+    role: str
+    index: int
+    argv: list[str]
+    env: dict[str, str]
+    ports: WorkerPorts
+    cores: str = ""  # CPU: the core set the worker computes on
+    sm_percent: int | None = None
+    memory_fraction: float | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.http}"
+
+    @property
+    def slice(self) -> str:
+        if self.cores:
+            return f"cores {self.cores}"
+        if self.sm_percent is not None:
+            return f"SM {self.sm_percent}% mem {self.memory_fraction:.2f}"
+        return ""
+
+
+def worker_id(role: str, index: int) -> str:
+    return f"{role}-{index}"
+
+
+def helper_cores(profile: Profile, online: list[int]) -> list[int]:
+    """Cores no role computes on: where API servers and NIXL threads can go."""
+    used: set[int] = set()
+    for rc in profile.roles().values():
+        for cs in rc.cores:
+            used.update(parse_core_set(cs))
+    return [c for c in online if c not in used]
+
+
+def kv_transfer_config(profile: Profile, role: str) -> dict[str, object]:
+    return {
+        "kv_connector": "NixlConnector",
+        "kv_role": KV_ROLE[role],
+        "kv_buffer_device": profile.nixl.buffer_device,
+        "kv_load_failure_policy": profile.nixl.kv_load_failure_policy,
+    }
+
+
+def kv_events_config(wid: str, port: int) -> dict[str, object]:
+    return {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": f"tcp://127.0.0.1:{port}",
+        "topic": f"kv@{wid}",
+    }
+
+
+def build(
+    profile: Profile,
+    role: str,
+    index: int,
+    ports: WorkerPorts,
+    model_path: str,
+    *,
+    online_cores: list[int] | None = None,
+    base_env: dict[str, str] | None = None,
+    mps_env: dict[str, str] | None = None,
+    gpu_total_bytes: int | None = None,
+    python: str | None = None,
+) -> WorkerSpec:
+    """The full command line and environment of one worker."""
+    rc: RoleConfig = profile.role(role)
+    wid = worker_id(role, index)
+    cuda = profile.hardware.device == "cuda"
+    argv = [
+        python or sys.executable,
+        "-m",
+        "pdbox.workers.launch",
+        "--model",
+        model_path,
+        "--served-model-name",
+        profile.model.served_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(ports.http),
+        "--max-model-len",
+        str(profile.model.max_model_len),
+        "--dtype",
+        profile.model.dtype,
+        "--block-size",
+        str(profile.model.block_size),
+        "--enable-prefix-caching",
+        f"-O{profile.engine.optimization_level}",
+    ]
+    if profile.engine.enforce_eager:
+        argv.append("--enforce-eager")
+    if rc.max_num_seqs:
+        argv += ["--max-num-seqs", str(rc.max_num_seqs)]
+    if profile.router.priority_scheduling:
+        argv += ["--scheduling-policy", "priority"]
+    if profile.is_pd and role in KV_ROLE:
+        argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(profile, role))]
+    if ports.kv_events:
+        argv += ["--kv-events-config", json.dumps(kv_events_config(wid, ports.kv_events))]
+    if cuda:
+        argv += ["--gpu-memory-utilization", f"{rc.memory_fraction:.3f}"]
+    if "--trust-remote-code" in profile.engine.extra_args:
+        pass  # allowed explicitly by the profile (checked at load time)
+    argv += list(profile.engine.extra_args)
+
+    env = dict(base_env if base_env is not None else os.environ)
+    # sitecustomize (worker tuning) and pdbox itself must be importable in
+    # every process of the worker.
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(SITE_DIR), str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p
+    )
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    # Never log prompts or completions unless the user asks for it.
+    env.setdefault("VLLM_DEBUG_LOG_API_SERVER_RESPONSE", "false")
+    env["HF_HUB_OFFLINE"] = env.get("HF_HUB_OFFLINE", "1" if model_path.startswith("/") else "0")
+    tuning_cores: tuple[int, ...] = ()
+    process_cores: tuple[int, ...] = ()
+    cores = ""
+    if not cuda:
+        cores = rc.core_set(index)
+        compute = parse_core_set(cores)
+        env["VLLM_CPU_KVCACHE_SPACE"] = _gib(rc.kv_cache_gib)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cores
+        tuning_cores = tuple(compute)
+        # Helper threads (API server, engine loop, NIXL progress) go to cores
+        # no role computes on when there are any; otherwise they share the
+        # worker's own cores, so they never steal another role's core.
+        spare = helper_cores(profile, online_cores or compute)
+        process_cores = tuple(sorted(set(compute) | set(spare)))
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = str(profile.hardware.gpu_index)
+        if mps_env:
+            env.update(mps_env)
+    if profile.is_pd and role in KV_ROLE:
+        env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = "127.0.0.1"
+        env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(ports.side_channel)
+        env["UCX_TLS"] = profile.nixl.ucx_tls
+    delay = profile.nixl.progress_delay_us if profile.is_pd else None
+    tuning = Tuning(
+        nixl_delay_us=delay if delay else None,
+        kv_cores=tuning_cores,
+        process_cores=process_cores,
+        expect=dict(CHECKED_VERSIONS),
+    )
+    env["PDBOX_WORKER_TUNING"] = tuning.to_env()
+    return WorkerSpec(
+        id=wid,
+        role=role,
+        index=index,
+        argv=argv,
+        env=env,
+        ports=ports,
+        cores=cores,
+        sm_percent=rc.sm_percent if cuda else None,
+        memory_fraction=rc.memory_fraction if cuda else None,
+    )
+
+
+def _gib(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
