@@ -111,7 +111,7 @@ class Admission:
         now = self.clock()
         ticket = Ticket(priority, est_tokens, now)
         if self._inflight < self.max_inflight and not self._heap:
-            return self._admit(ticket)
+            return self._admit(ticket, now)
         if self.queued >= self.queue_bound:
             self.rejected += 1
             raise QueueFull(self.retry_after_s(), self.queued)
@@ -159,8 +159,8 @@ class Admission:
 
     # ----------------------------------------------------------------- helpers
 
-    def _admit(self, ticket: Ticket) -> Ticket:
-        ticket.admitted = self.clock()
+    def _admit(self, ticket: Ticket, now: float | None = None) -> Ticket:
+        ticket.admitted = self.clock() if now is None else now
         self._inflight += 1
         self.admitted += 1
         return ticket
