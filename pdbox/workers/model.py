@@ -65,6 +65,8 @@ STAGES = (
     "installing",
 )
 
+# Reported (with index 0) while another process holds the conversion lock.
+WAITING = "waiting for another process"
 # on_stage(stage, index, total): called as each stage starts.
 StageCallback = Callable[[str, int, int], None]
 # converter(gguf, out_dir, on_stage) -> versions of the tools that converted it.
@@ -332,7 +334,12 @@ def prepare_embedded(
         if progress:
             print(f"pdbox: {msg}", file=sys.stderr, flush=True)
 
-    with model_lock(spec.name, notify=note):
+    def waiting(msg: str) -> None:
+        note(msg)
+        if on_stage:
+            on_stage(WAITING, 0, len(STAGES))
+
+    with model_lock(spec.name, notify=waiting):
         # Another process may have finished the conversion while we waited.
         if not force:
             try:
@@ -597,6 +604,10 @@ def _child_main(argv: list[str]) -> int:
         sys.stdout.write(json.dumps(msg) + "\n")
         sys.stdout.flush()
 
+    if not args.gguf.is_file():
+        # Fail before importing torch: that alone takes seconds.
+        print(f"no GGUF file at {args.gguf}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     convert_gguf(args.gguf, args.out, emit, args.hf_name)
     return 0
