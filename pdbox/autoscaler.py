@@ -35,7 +35,7 @@ GIB = 1024**3
 GPU_MEMORY_CAP = 0.95
 # A TTFT above target is only a reason to add workers when requests actually wait:
 # with an empty queue TTFT is prefill compute, which more workers do not shorten.
-TTFT_MIN_WAIT_SHARE = 0.1
+TTFT_MIN_WAIT_SHARE = 0.5
 
 
 # ------------------------------------------------------------------------- inputs
