@@ -168,8 +168,10 @@ class Picker:
             scores[c.id] = total
             parts[c.id] = {"prefix": share, "queue": queue, "kv": kv, "guarded": float(overloaded)}
         best = max(scores.values())
-        # Near-ties: the session's previous worker first, then rotation.
+        # Ties: the session's previous worker first, then the least loaded, then rotation.
         tied = [c for c in ready if scores[c.id] >= best - 1e-9]
+        least = min(c.load for c in tied)
+        tied = [c for c in tied if c.load == least]
         sticky = self._sessions.get(session_key) if session_key else None
         by_session = False
         if sticky is not None and sticky in scores and scores[sticky] >= best - self.session_tolerance:

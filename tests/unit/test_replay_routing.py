@@ -152,3 +152,20 @@ def test_autoscale_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert json.loads(res.output) == {"scale_ups": 1}
     assert seen == {"n": 16, "profile": "cpu-tiny", "rate_scale": 2.0, "fixed": 3,
                     "plot": str(tmp_path / "p.png")}
+
+
+def test_without_cache_pressure_prefix_still_spreads_load() -> None:
+    # Two shared prefixes that every cache soon holds, bursts of arrivals:
+    # affinity must not pile the bursts onto one worker (FINDINGS: "affinity
+    # without load balance loses").
+    reqs = []
+    for burst in range(20):
+        for k in range(8):
+            own = (1000 + burst * 8 + k,)
+            reqs.append(TraceRequest(burst * 2.0, 5 * 512, 50, (k % 2, 10 + k % 2) + own))
+    kw = dict(workers=4, cache_tokens=10_000_000, cost=CostModel(10_000, 0.01))
+    px = replay(reqs, policy="prefix", **kw)
+    ll = replay(reqs, policy="least_loaded", **kw)
+    assert px["hit_rate"] >= ll["hit_rate"]
+    assert px["ttft_p90_s"] <= 1.25 * ll["ttft_p90_s"]
+    assert px["imbalance"] < 1.3
