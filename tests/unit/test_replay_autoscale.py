@@ -46,7 +46,7 @@ def test_fixed_holds_every_role_clamped_into_its_bounds() -> None:
     out = simulate(steady(200, 2.0), pd_profile(), fixed=3)
     assert out["scale_events"] == 0 and out["decisions"] == []
     assert out["replicas_timeline"] == [{"t": 0.0, "prefill": 1, "decode": 3}]
-    assert out["worker_seconds"] == pytest.approx(4 * out["duration_s"], rel=1e-6)
+    assert out["worker_seconds"] == pytest.approx(4 * out["duration_s"], rel=1e-3)
 
 
 def test_light_load_stays_at_min_and_meets_the_slo() -> None:
