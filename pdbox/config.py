@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
-import sys
+import tomllib as _toml
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-if sys.version_info >= (3, 11):
-    import tomllib as _toml
-else:  # pragma: no cover
-    import tomli as _toml
 
 # Built-in profiles live at the repository root (profiles/), beside the package.
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "profiles"
@@ -260,6 +256,8 @@ DENIED_FLAGS = (
     "--load-format",
     "--tokenizer",
     "--uds",
+    # Reads further arguments from a YAML file, where any of the above could hide.
+    "--config",
 )
 _TRUST_FLAG = "--trust-remote-code"
 _ARG_OK = re.compile(r"^[A-Za-z0-9_./:=,+\-{}\"\[\] ]*$")
@@ -299,8 +297,6 @@ class _Loader:
                 continue
             if current == table and re.match(rf"^{re.escape(key)}\s*=", line):
                 return no
-            if current == table and table and "." not in key:
-                pass
             # inline table, e.g. weights = { prefix = 3 }
             if len(parts) >= 2 and current == ".".join(parts[:-2]):
                 if re.match(rf"^{re.escape(parts[-2])}\s*=.*\b{re.escape(key)}\s*=", line):
@@ -309,6 +305,16 @@ class _Loader:
             for no, raw in enumerate(self.lines, 1):
                 if re.match(rf"^\s*{re.escape(key)}\s*=", raw):
                     return no
+        # A key left at its default is not in the file: point at its table.
+        if table:
+            return self.line_of(table) if "." in table else self._header_line(table)
+        return None
+
+    def _header_line(self, table: str) -> int | None:
+        for no, raw in enumerate(self.lines, 1):
+            m = re.match(r"^\[\s*([A-Za-z0-9_.\-]+)\s*\]", raw.strip())
+            if m and m.group(1) == table:
+                return no
         return None
 
     def fail(self, key: str, message: str) -> ProfileError:
@@ -345,6 +351,9 @@ class _Loader:
         if isinstance(default, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise self.fail(dotted, f"must be a number, not {_tname(value)}")
+            # TOML allows nan and inf; every range check below would let nan through.
+            if not math.isfinite(value):
+                raise self.fail(dotted, f"must be a finite number, not {value}")
             return float(value)
         if isinstance(default, str):
             if not isinstance(value, str):
@@ -456,10 +465,10 @@ def validate(p: Profile, ld: _Loader | None = None) -> None:
             raise fail(f"{k}.replicas", "must be at least 1")
         if p.hardware.device == "cpu":
             if not rc.cores:
-                raise fail(f"{k}.cores", "is required on a CPU, e.g. cores = [\"0\"]")
+                raise fail(f"{k}.cores", 'is required on a CPU, e.g. cores = ["0"]')
             for cs in rc.cores:
                 if not _CORESET.match(cs):
-                    raise fail(f"{k}.cores", f"{cs!r} is not a core list like \"0\" or \"0-3,6\"")
+                    raise fail(f"{k}.cores", f'{cs!r} is not a core list like "0" or "0-3,6"')
             if rc.kv_cache_gib <= 0 or rc.kv_cache_gib > 512:
                 raise fail(f"{k}.kv_cache_gib", "must be above 0 and at most 512")
         else:
@@ -467,12 +476,14 @@ def validate(p: Profile, ld: _Loader | None = None) -> None:
                 raise fail(f"{k}.sm_percent", f"({rc.sm_percent}) must lie within 1..100")
             if not 0 < rc.memory_fraction <= 1:
                 raise fail(f"{k}.memory_fraction", f"({rc.memory_fraction}) must lie in (0, 1]")
-            total_mem += rc.memory_fraction * rc.replicas
+            # The autoscaler may start up to `max` workers of each role, and
+            # each vLLM instance takes its own fraction of the GPU's memory.
+            total_mem += rc.memory_fraction * rc.max
     if p.hardware.device == "cuda" and total_mem >= 0.95:
         key = "prefill.memory_fraction" if p.is_pd else "aggregated.memory_fraction"
         raise fail(
             key,
-            f"memory fractions of all starting workers sum to {total_mem:.2f}; "
+            f"memory fractions of all workers at their max replicas sum to {total_mem:.2f}; "
             "they must stay below 0.95",
         )
     r = p.router
@@ -538,7 +549,7 @@ def check_extra_args(p: Profile, fail: Any) -> None:
         key = f"engine.extra_args[{i}]"
         if not _ARG_OK.match(arg) or "\n" in arg:
             raise fail("engine.extra_args", f"item {i} ({arg!r}) holds characters not allowed")
-        flag = arg.split("=", 1)[0]
+        flag = _flag_of(arg)
         if flag == _TRUST_FLAG and not p.engine.allow_trust_remote_code:
             raise fail(
                 "engine.extra_args",
@@ -546,6 +557,23 @@ def check_extra_args(p: Profile, fail: Any) -> None:
             )
         if flag in DENIED_FLAGS:
             raise fail("engine.extra_args", f"{key} sets {flag}, which pdbox controls itself")
+        # argparse accepts any unambiguous prefix of a long flag ("--kv-transfer").
+        abbreviated = [d for d in (*DENIED_FLAGS, _TRUST_FLAG) if d.startswith(flag)]
+        if flag.startswith("--") and len(flag) > 3 and abbreviated and flag not in DENIED_FLAGS:
+            full = abbreviated[0]
+            if full != _TRUST_FLAG or not p.engine.allow_trust_remote_code:
+                raise fail(
+                    "engine.extra_args",
+                    f"{key} ({flag}) abbreviates {full}, which pdbox controls itself",
+                )
+
+
+def _flag_of(arg: str) -> str:
+    """The flag an extra_args item sets, as vLLM's parser reads it: the part
+    before "=", a space or a "." (vLLM's --some-config.field=value form), with
+    underscores read as dashes."""
+    flag = re.split(r"[=\s.]", arg.strip(), maxsplit=1)[0]
+    return "--" + flag[2:].replace("_", "-") if flag.startswith("--") else flag
 
 
 # --------------------------------------------------------------------- discovery
