@@ -29,6 +29,7 @@ def export() -> None:
 @click.option(
     "--out",
     "out_dir",
+    metavar="DIR",
     type=click.Path(file_okay=False, path_type=Path),
     help="Write one manifest per object into DIR (default: one YAML stream on stdout).",
 )
@@ -39,6 +40,7 @@ def export() -> None:
 )
 @click.option(
     "--namespace",
+    metavar="NS",
     default="default",
     show_default=True,
     help="Kubernetes namespace of every object.",
