@@ -245,10 +245,10 @@ _MEM_LIMIT = re.compile(r"^\d+=\d+(?:[KMGT]B?)?(?:,\d+=\d+(?:[KMGT]B?)?)*$")
 def mem_limit_for(fraction: float, total_bytes: int, gpu_index: int = 0) -> str:
     """`CUDA_MPS_PINNED_DEVICE_MEM_LIMIT` for a worker allowed `fraction` of a GPU.
 
-    `gpu_index` is the device ordinal as the client enumerates devices. With
-    `client_env`, each client sees exactly one GPU, so it is 0 there whatever the
-    GPU's index on the machine. Rounded down to whole MiB: a cap must never end
-    up above the budget it was computed from.
+    `gpu_index` is the GPU's index on the machine. `client_env` makes that GPU
+    the only one the worker sees, and rewrites the limit to the worker's own
+    numbering (ordinal 0). Rounded down to whole MiB: a cap must never end up
+    above the budget it was computed from.
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"memory fraction must be in (0, 1], not {fraction}")
@@ -271,7 +271,9 @@ def client_env(
 
     The pipe and log folders come from the daemon (they must match). The GPU
     is the daemon's UUID if it has one, else `gpu_index`, so that exactly one
-    device is visible and the memory limit's ordinal is 0.
+    device is visible. That device is ordinal 0 inside the worker, so a limit
+    written for the machine's `gpu_index` (as `mem_limit_for` writes it) is
+    renumbered to 0; a limit naming any other GPU is an error.
     """
     env = {
         k: v
@@ -286,13 +288,14 @@ def client_env(
     if mem_limit:
         if not _MEM_LIMIT.match(mem_limit):
             raise ValueError(f"not an MPS memory limit: {mem_limit!r} (expected e.g. '0=20G')")
-        ordinals = {part.split("=")[0] for part in mem_limit.split(",")}
-        if ordinals != {"0"}:
+        parts = mem_limit.split(",")
+        ordinal, value = parts[0].split("=")
+        if len(parts) != 1 or int(ordinal) not in (0, gpu_index):
             raise ValueError(
-                f"memory limit {mem_limit!r} names device ordinal(s) {sorted(ordinals)}, but "
-                "the worker sees one GPU, as ordinal 0"
+                f"memory limit {mem_limit!r} must name GPU {gpu_index} alone: "
+                "the worker sees that one GPU only"
             )
-        env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = mem_limit
+        env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"0={value}"
     return env
 
 

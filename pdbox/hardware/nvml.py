@@ -53,11 +53,8 @@ class NaType(float):
     def __hash__(self) -> int:
         return hash("N/A")
 
-    def __eq__(self, other: object) -> bool:
-        return other is self
-
-    def __ne__(self, other: object) -> bool:
-        return other is not self
+    # Equality stays float's: NA == NA is False, as for NaN. Test with `is NA`
+    # or is_na().
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (NaType, ())

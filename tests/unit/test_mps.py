@@ -221,9 +221,15 @@ def test_client_env_per_worker(tmp_path):
 
 
 def test_client_env_on_a_second_gpu(tmp_path):
-    env = client_env(MpsDaemon(tmp_path).env(), 50, "0=10G", gpu_index=1)
+    """The limit names the machine's GPU 1; inside the worker that GPU is 0."""
+    limit = mem_limit_for(0.25, 80 * GIB, gpu_index=1)
+    assert limit == "1=20G"
+    env = client_env(MpsDaemon(tmp_path).env(), 50, limit, gpu_index=1)
     assert env["CUDA_VISIBLE_DEVICES"] == "1"
-    assert env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=10G"
+    assert env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=20G"
+    # already in the worker's numbering: kept
+    env = client_env(MpsDaemon(tmp_path).env(), 50, "0=20G", gpu_index=1)
+    assert env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=20G"
 
 
 def test_client_env_without_memory_cap(tmp_path):
@@ -237,7 +243,7 @@ def test_client_env_rejects_bad_percentages(tmp_path, pct):
         client_env(MpsDaemon(tmp_path).env(), pct, None, 0)
 
 
-@pytest.mark.parametrize("limit", ["20G", "0=", "0=20X", "1=20G", "0=1G,1=2G"])
+@pytest.mark.parametrize("limit", ["20G", "0=", "0=20X", "2=20G", "0=1G,1=2G"])
 def test_client_env_rejects_bad_limits(tmp_path, limit):
     with pytest.raises(ValueError):
         client_env(MpsDaemon(tmp_path).env(), 50, limit, 0)

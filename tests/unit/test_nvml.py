@@ -287,7 +287,7 @@ def test_na_behaves_like_nan():
     assert str(NA) == "N/A" and f"{NA:>5}" == "  N/A" and f"{NA:.2f}" == "N/A"
     assert math.isnan(NA) and not NA
     assert (NA + 1) is NA and (2 * NA) is NA and (NA / 3) is NA and -NA is NA
-    assert not NA < 1 and not NA > 1 and NA != 0
+    assert not NA < 1 and not NA > 1 and NA != 0 and not NA == NA  # noqa: PLR0124
     assert is_na(NA) and is_na(None) and is_na(float("nan")) and not is_na(0)
     assert to_json(NA) is None and to_json(3) == 3
     assert GpuSnapshot(index=0).to_dict()["power_w"] is None
