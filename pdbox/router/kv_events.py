@@ -72,16 +72,43 @@ def decode_batch(payload: bytes) -> tuple[float, list[dict[str, Any]]]:
     return float(ts or 0.0), [decode_event(e) for e in events]
 
 
+def subscriber_address(worker_endpoint: str) -> tuple[str, bool]:
+    """Where the router's SUB socket goes for a worker's `endpoint`, and whether it binds.
+
+    vLLM binds its PUB socket only for wildcard (`tcp://*:P`), ipc and inproc
+    endpoints and *connects* for any other, e.g. `tcp://127.0.0.1:P`. Then the
+    subscriber must bind that address itself. Loopback-only binding is the
+    safer choice on a shared machine, so that is what pdbox uses.
+    """
+    if "*" in worker_endpoint:
+        return worker_endpoint.replace("*", "127.0.0.1"), False
+    if "::" in worker_endpoint or worker_endpoint.startswith(("ipc://", "inproc://")):
+        return worker_endpoint, False
+    return worker_endpoint, True
+
+
 class KVEventSubscriber:
     """Feeds one worker's KV events into the shared PreciseIndex.
 
-    `start()` creates the asyncio task; `stop()` cancels it and closes the
-    socket. `handle(frames)` is the whole per-message logic, callable on its
-    own in tests.
+    `endpoint` is the one given to the worker in `--kv-events-config`; the
+    subscriber connects or binds as `subscriber_address` says (override with
+    `bind`). `start()` creates the asyncio task; `stop()` cancels it and
+    closes the socket. `handle(frames)` is the whole per-message logic,
+    callable on its own in tests.
     """
 
-    def __init__(self, endpoint: str, worker_id: str, index: PreciseIndex, topic: str = ""):
+    def __init__(
+        self,
+        endpoint: str,
+        worker_id: str,
+        index: PreciseIndex,
+        topic: str = "",
+        bind: bool | None = None,
+    ):
+        address, auto_bind = subscriber_address(endpoint)
         self.endpoint = endpoint
+        self.address = address
+        self.bind = auto_bind if bind is None else bind
         self.worker_id = worker_id
         self.index = index
         self.topic = topic
@@ -93,6 +120,7 @@ class KVEventSubscriber:
         self.last_ts: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self.error: str | None = None
 
     def handle(self, frames: list[bytes]) -> None:
         if len(frames) < 3:
@@ -128,7 +156,10 @@ class KVEventSubscriber:
         return self._task
 
     async def wait_connected(self, timeout: float = 5.0) -> None:
+        """Wait until the socket is set up; raise OSError if that failed."""
         await asyncio.wait_for(self._ready.wait(), timeout)
+        if self.error:
+            raise OSError(self.error)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -149,8 +180,17 @@ class KVEventSubscriber:
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.setsockopt(zmq.SUBSCRIBE, self.topic.encode())
-            sock.connect(self.endpoint)
-            self._ready.set()
+            try:
+                if self.bind:
+                    sock.bind(self.address)
+                else:
+                    sock.connect(self.address)
+            except zmq.ZMQError as exc:
+                self.error = f"cannot {'bind' if self.bind else 'connect'} {self.address}: {exc}"
+                log.error("%s: KV events off: %s", self.worker_id, self.error)
+                return
+            finally:
+                self._ready.set()
             while True:
                 frames = await sock.recv_multipart()
                 try:
@@ -164,10 +204,12 @@ class KVEventSubscriber:
     def snapshot(self) -> dict[str, Any]:
         return {
             "endpoint": self.endpoint,
+            "bind": self.bind,
             "batches": self.batches,
             "events": self.events,
             "gaps": self.gaps,
             "errors": self.errors,
+            "error": self.error,
             "last_seq": self.last_seq,
             "blocks": self.index.size(self.worker_id),
         }

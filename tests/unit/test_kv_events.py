@@ -13,6 +13,7 @@ from pdbox.router.kv_events import (
     KVEventSubscriber,
     decode_batch,
     decode_event,
+    subscriber_address,
 )
 from pdbox.router.prefix_index import PreciseIndex, block_hashes
 
@@ -115,17 +116,41 @@ def test_handle_applies_events_and_clears_on_gap() -> None:
     assert sub.snapshot()["last_seq"] == 4
 
 
-def test_live_zmq_feed() -> None:
+def test_subscriber_address_mirrors_vllm_bind_rule() -> None:
+    assert subscriber_address("tcp://*:5557") == ("tcp://127.0.0.1:5557", False)
+    assert subscriber_address("tcp://127.0.0.1:5557") == ("tcp://127.0.0.1:5557", True)
+    assert subscriber_address("ipc:///tmp/kv") == ("ipc:///tmp/kv", False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("worker_binds", [True, False])
+def test_live_zmq_feed(worker_binds: bool) -> None:
+    """A real PUB socket, set up as vLLM sets it up for either kind of endpoint."""
+
     async def go() -> None:
         ctx = zmq.Context.instance()
         pub = ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
-        port = pub.bind_to_random_port("tcp://127.0.0.1")
         idx = PreciseIndex(BS)
-        sub = KVEventSubscriber(f"tcp://127.0.0.1:{port}", "decode-0", idx, topic="kv@decode-0")
+        if worker_binds:  # endpoint "tcp://*:P": vLLM binds, the router connects
+            port = pub.bind_to_random_port("tcp://127.0.0.1")
+            endpoint = f"tcp://*:{port}"
+        else:  # endpoint "tcp://127.0.0.1:P": vLLM connects, the router binds
+            endpoint = f"tcp://127.0.0.1:{_free_port()}"
+        sub = KVEventSubscriber(endpoint, "decode-0", idx, topic="kv@decode-0")
+        assert sub.bind is not worker_binds
         sub.start()
+        await sub.wait_connected()
+        if not worker_binds:
+            pub.connect(endpoint)
         try:
-            await sub.wait_connected()
             h = block_hashes(TOKENS, BS)
             seq = 0
             # PUB/SUB drops messages until the subscription has propagated: resend
@@ -154,5 +179,24 @@ def test_live_zmq_feed() -> None:
         finally:
             await sub.stop()
             pub.close(linger=0)
+
+    asyncio.run(go())
+
+
+def test_bind_failure_is_reported() -> None:
+    async def go() -> None:
+        ctx = zmq.Context.instance()
+        taken = ctx.socket(zmq.SUB)
+        taken.setsockopt(zmq.LINGER, 0)
+        port = taken.bind_to_random_port("tcp://127.0.0.1")
+        sub = KVEventSubscriber(f"tcp://127.0.0.1:{port}", "w", PreciseIndex(BS))
+        sub.start()
+        try:
+            with pytest.raises(OSError, match="cannot bind"):
+                await sub.wait_connected()
+            assert sub.snapshot()["error"]
+        finally:
+            await sub.stop()
+            taken.close(linger=0)
 
     asyncio.run(go())
