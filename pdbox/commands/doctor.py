@@ -287,6 +287,8 @@ def _model_state() -> tuple[str, str, Path]:
         return ("ready" if present else "missing"), "", folder
     spec = EMBEDDED_MODELS[EMBEDDED_MODEL]
     state, detail = mc.cache_state(spec)
+    # cache_state ends its detail with its own "Fix: ..."; the check adds the fix.
+    detail = detail.split(" Fix:")[0].rstrip(".")
     if state == "ready":
         return state, detail, mc.cache_folder(spec.name)
     try:
