@@ -589,6 +589,21 @@ def convert_gguf(
     )
 
 
+def _die_with_parent() -> None:
+    """Stop converting if pdbox itself is killed: the parent would never install
+    the result, and the next start removes the temporary folder anyway."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(Exception):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
 def _child_main(argv: list[str]) -> int:
     import argparse
 
@@ -604,6 +619,7 @@ def _child_main(argv: list[str]) -> int:
         sys.stdout.write(json.dumps(msg) + "\n")
         sys.stdout.flush()
 
+    _die_with_parent()
     if not args.gguf.is_file():
         # Fail before importing torch: that alone takes seconds.
         print(f"no GGUF file at {args.gguf}", file=sys.stderr)

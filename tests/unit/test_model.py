@@ -384,3 +384,29 @@ def test_cli_prepare_bad_source_is_one_line() -> None:
 
 def test_env_points_models_dir(home: Path) -> None:
     assert m.cache_folder(NAME) == Path(os.environ["PDBOX_HOME"]) / "models" / NAME
+
+
+def test_lock_holds_across_processes(home: Path) -> None:
+    code = (
+        "import sys; from pdbox.workers.model import model_lock\n"
+        f"with model_lock({NAME!r}):\n"
+        "    print('held', flush=True); sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        waited: list[str] = []
+
+        def busy(msg: str) -> None:
+            # Told the lock is taken: let the other process go, then we get it.
+            waited.append(msg)
+            holder.stdin.close()  # type: ignore[union-attr]
+
+        with m.model_lock(NAME, notify=busy):
+            assert holder.wait(5) == 0
+        assert waited and "another pdbox process" in waited[0]
+    finally:
+        holder.kill()
+        holder.wait()
