@@ -15,7 +15,9 @@ def home() -> Path:
 
 
 def models_dir() -> Path:
-    return home() / "models"
+    """Converted models; PDBOX_MODELS_DIR lets several homes (e.g. tests) share one cache."""
+    env = os.environ.get("PDBOX_MODELS_DIR")
+    return Path(env).expanduser() if env else home() / "models"
 
 
 def run_dir() -> Path:

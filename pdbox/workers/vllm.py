@@ -122,6 +122,7 @@ def build(
         "--block-size",
         str(profile.model.block_size),
         "--enable-prefix-caching",
+        "--enable-prompt-tokens-details",
         f"-O{profile.engine.optimization_level}",
     ]
     if profile.engine.enforce_eager:

@@ -1,0 +1,120 @@
+"""Client commands for a running pdbox: status, down, scale, policy."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import click
+
+from pdbox.control_client import ControlClient, ControlError
+
+
+def _client() -> ControlClient:
+    try:
+        return ControlClient.from_run_folder()
+    except ControlError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _fmt(v: Any, unit: str = "", scale: float = 1.0, digits: int = 2) -> str:
+    if v is None:
+        return "N/A"
+    if isinstance(v, float):
+        return f"{v * scale:.{digits}f}{unit}"
+    return f"{v}{unit}"
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the full status snapshot as JSON.")
+def status(as_json: bool) -> None:
+    """Show the running pdbox's workers and figures."""
+    try:
+        snap = _client().sync_status()
+    except ControlError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(snap, indent=2))
+        return
+    r = snap.get("router", {})
+    click.echo(f"pdbox {snap.get('version')}  profile {snap.get('profile')}  "
+               f"mode {snap.get('mode')}  policy {snap.get('policy')}")
+    click.echo(f"endpoint {snap.get('endpoint')}  up {_fmt(snap.get('uptime_s'), 's', digits=0)}")
+    click.echo("")
+    click.echo(f"{'worker':<14}{'role':<12}{'state':<12}{'pid':>8}{'port':>7}  {'slice':<14}"
+               f"{'queue':>6}{'run':>5}{'kv':>7}{'hit':>7}{'restarts':>9}")
+    for w in snap.get("workers", []):
+        click.echo(f"{w['id']:<14}{w['role']:<12}{w['state']:<12}{_fmt(w.get('pid')):>8}"
+                   f"{_fmt(w.get('port')):>7}  {str(w.get('slice') or ''):<14}"
+                   f"{_fmt(w.get('queue')):>6}{_fmt(w.get('running')):>5}"
+                   f"{_fmt(w.get('kv_usage'), '%', 100, 0):>7}"
+                   f"{_fmt(w.get('prefix_hit_rate'), '%', 100, 0):>7}{w.get('restarts', 0):>9}")
+    click.echo("")
+    click.echo(f"requests {r.get('requests_total')}  rps {_fmt(r.get('rps'))}  "
+               f"TTFT p50 {_fmt(r.get('ttft_p50_s'), 's')} p99 {_fmt(r.get('ttft_p99_s'), 's')}  "
+               f"ITL p50 {_fmt(r.get('itl_p50_s'), 'ms', 1000, 0)} "
+               f"p99 {_fmt(r.get('itl_p99_s'), 'ms', 1000, 0)}")
+    click.echo(f"P/D remote {r.get('pd_remote')}  local {r.get('pd_local')}  "
+               f"fallbacks {r.get('fallbacks')}  429s {r.get('rejected_429')}  "
+               f"NIXL {_fmt(r.get('nixl_xfer_ms'), 'ms', digits=1)}")
+
+
+@click.command()
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for exit.")
+def down(timeout: float) -> None:
+    """Stop the running pdbox and every worker it started."""
+    from pdbox.runfolder import NotRunning, pid_alive, read
+
+    try:
+        info = read()
+    except NotRunning as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        ControlClient(info.control_url, info.token).sync_shutdown()
+    except ControlError as exc:
+        raise click.ClickException(str(exc)) from None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and pid_alive(info.pid):
+        time.sleep(0.2)
+    if pid_alive(info.pid):
+        raise click.ClickException(f"pdbox (pid {info.pid}) is still stopping after {timeout:.0f}s")
+    click.echo("pdbox stopped")
+
+
+@click.command()
+@click.argument("role", type=click.Choice(["prefill", "decode", "aggregated"]))
+@click.argument("replicas")
+@click.option("--json", "as_json", is_flag=True)
+def scale(role: str, replicas: str, as_json: bool) -> None:
+    """Pin ROLE at REPLICAS workers, or give it back to the autoscaler with `auto`."""
+    if replicas == "auto":
+        n: int | str = "auto"
+    else:
+        try:
+            n = int(replicas)
+        except ValueError:
+            raise click.BadParameter("REPLICAS must be a whole number or 'auto'") from None
+    try:
+        out = _client().sync_scale(role, n)
+    except ControlError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(out) if as_json else f"{role}: {out.get('replicas')}")
+
+
+@click.command()
+@click.argument("name", required=False,
+                type=click.Choice(["prefix", "least_loaded", "round_robin"]))
+def policy(name: str | None) -> None:
+    """Show the routing policy, or set it to NAME."""
+    c = _client()
+    try:
+        if name is None:
+            click.echo(c.sync_status().get("policy"))
+        else:
+            c.sync_set_policy(name)
+            click.echo(name)
+    except ControlError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(0)

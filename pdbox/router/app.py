@@ -1,0 +1,494 @@
+"""The router: one OpenAI endpoint in front of the workers.
+
+For each request: validate, admit (priority, bound, 429), tokenize, hash
+blocks, match prefixes per worker, score and pick a decode worker, decide
+whether remote prefill pays, run the two legs (or one), and stream the
+answer back while measuring TTFT and ITL. The routing policy itself lives in
+policy.py as pure code; this module is the I/O around it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from pdbox.config import Profile
+from pdbox.router import openai_errors as oe
+from pdbox.router.admission import Admission, QueueFull
+from pdbox.router.backends import Backend, Registry
+from pdbox.router.metrics import Counter, Gauge, Histogram
+from pdbox.router.pd import PrefillFailed, decode_body, prefill_leg
+from pdbox.router.policy import NoWorker, PDDecider, Picker
+from pdbox.router.prefix_index import ApproxIndex, PreciseIndex, block_hashes
+
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+BATCH_VLLM_PRIORITY = 10  # vLLM: lower value is served first
+
+
+@dataclass
+class Decision:
+    request_id: str
+    decode: str
+    prefill: str | None
+    pd: str  # remote | local | aggregated
+    reason: str
+    prompt_tokens: int
+    matched_tokens: int
+    ts: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id, "decode": self.decode, "prefill": self.prefill,
+            "pd": self.pd, "reason": self.reason, "prompt_tokens": self.prompt_tokens,
+            "matched_tokens": self.matched_tokens, "ts": self.ts,
+        }
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.requests = Counter("pdbox_requests_total", "Requests by outcome.")
+        self.ttft = Histogram("pdbox_ttft_seconds", "Time to first token seen by the router.")
+        self.itl = Histogram("pdbox_itl_seconds", "Time between streamed chunks.")
+        self.e2e = Histogram("pdbox_e2e_seconds", "Request latency, end to end.")
+        self.routed = Counter("pdbox_routed_total", "Requests routed, by worker and leg.")
+        self.prefix_tokens = Counter("pdbox_prefix_match_tokens_total",
+                                     "Prompt tokens the chosen decode worker already held.")
+        self.prompt_tokens = Counter("pdbox_prompt_tokens_total", "Prompt tokens routed.")
+        self.output_chunks = Counter("pdbox_output_chunks_total", "Streamed chunks (≈ tokens).")
+        self.pd = Counter("pdbox_pd_total", "P/D decisions: remote prefill or local.")
+        self.fallbacks = Counter("pdbox_fallbacks_total",
+                                 "Remote prefills that fell back to local prefill, by cause.")
+        self.retries = Counter("pdbox_retries_total", "Requests retried on another worker.")
+        self.rejected = Counter("pdbox_rejected_total", "Requests answered 429 (queue full).")
+        self.kv_xfer_failures = Gauge("pdbox_worker_nixl_failed_transfers",
+                                      "NIXL transfers that failed, per worker (from vLLM).")
+        self.inflight = Gauge("pdbox_inflight", "Requests in flight, per worker.")
+        self.queued = Gauge("pdbox_queued", "Requests waiting in the router's admission queue.")
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for m in (self.requests, self.ttft, self.itl, self.e2e, self.routed, self.prefix_tokens,
+                  self.prompt_tokens, self.output_chunks, self.pd, self.fallbacks, self.retries,
+                  self.rejected, self.kv_xfer_failures, self.inflight, self.queued):
+            lines += m.render()
+        return "\n".join(lines) + "\n"
+
+
+class Router:
+    def __init__(
+        self,
+        profile: Profile,
+        registry: Registry,
+        tokenizer: Any,
+        served_names: list[str],
+        events: Any = None,
+    ) -> None:
+        r = profile.router
+        self.profile = profile
+        self.registry = registry
+        self.tokenizer = tokenizer
+        self.served_names = served_names
+        self.block_size = tokenizer.block_size_for(profile.model.block_size)
+        # The character fallback of attach mode counts characters, not tokens.
+        self.units = float(getattr(tokenizer, "units_per_token", 1.0)) or 1.0
+        self.max_model_len = profile.model.max_model_len
+        self.policy = r.policy
+        self.picker = Picker(r.weights, r.balance_abs, r.balance_rel)
+        self.prefill_picker = Picker(r.weights, r.balance_abs, r.balance_rel)
+        self.decider = PDDecider(
+            min_uncached_tokens=r.pd_min_uncached_tokens,
+            mode=r.pd_decider,
+            ttft_slo_s=profile.slo.ttft_s,
+            itl_slo_s=profile.slo.itl_s,
+        )
+        self.approx = ApproxIndex(r.index_blocks_per_worker)
+        self.precise = PreciseIndex(self.block_size) if r.kv_events else None
+        self.admission = Admission(queue_bound=r.queue_bound,
+                                   max_inflight=r.max_inflight_per_worker)
+        self.metrics = RouterMetrics()
+        self.decisions: deque[Decision] = deque(maxlen=50)
+        self.events = events
+        self.session: aiohttp.ClientSession | None = None
+        self.accepting = True
+        self.started = time.monotonic()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
+            timeout=aiohttp.ClientTimeout(total=None),
+            auto_decompress=False,
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def capacity_changed(self) -> None:
+        """Admission capacity follows the number of workers that can serve."""
+        n = max(1, len(self.registry.of_roles(self.registry.decode_roles())))
+        self.admission.max_inflight = n * self.profile.router.max_inflight_per_worker
+        self.admission._dispatch()  # let waiters in if capacity grew
+
+    def forget_worker(self, wid: str) -> None:
+        self.approx.remove_worker(wid)
+        if self.precise is not None:
+            self.precise.remove_worker(wid)
+        self.picker.forget_worker(wid)
+        self.prefill_picker.forget_worker(wid)
+        self.decider.forget_worker(wid)
+
+    # --------------------------------------------------------------- routes
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.prometheus)
+
+    async def health(self, request: web.Request) -> web.Response:
+        ok = bool(self.registry.of_roles(self.registry.decode_roles())) and self.accepting
+        return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
+
+    async def models(self, request: web.Request) -> web.Response:
+        now = int(time.time())
+        data = [{"id": n, "object": "model", "created": now, "owned_by": "pdbox",
+                 "max_model_len": self.max_model_len} for n in self.served_names]
+        return web.json_response({"object": "list", "data": data})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        for b in self.registry.backends.values():
+            self.metrics.inflight.set(b.inflight, worker=b.id)
+            if "vllm:nixl_num_failed_transfers_total" in b.metrics:
+                self.metrics.kv_xfer_failures.set(
+                    b.metrics["vllm:nixl_num_failed_transfers_total"], worker=b.id)
+        self.metrics.queued.set(self.admission.queued)
+        return web.Response(text=self.metrics.render(),
+                            content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "chat")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "completions")
+
+    # ------------------------------------------------------------- request
+
+    def _tokens(self, body: dict[str, Any], kind: str) -> list[int]:
+        if kind == "chat":
+            return self.tokenizer.encode_chat(body["messages"])
+        p = body["prompt"]
+        if isinstance(p, str):
+            return self.tokenizer.encode_prompt(p)
+        if p and isinstance(p[0], int):
+            return list(p)
+        return self.tokenizer.encode_prompt("".join(p))
+
+    def _priority(self, request: web.Request, body: dict[str, Any]) -> str:
+        h = request.headers.get("x-pdbox-priority", "").strip().lower()
+        p = body.get("priority")
+        if h == "batch" or p == "batch" or (isinstance(p, int) and not isinstance(p, bool) and p > 0):
+            return "batch"
+        if h not in ("", "interactive", "batch"):
+            raise oe.BadRequest(400, "x-pdbox-priority must be 'interactive' or 'batch'.")
+        return "interactive"
+
+    async def _serve(self, request: web.Request, kind: str) -> web.StreamResponse:
+        t0 = time.monotonic()
+        if not self.accepting:
+            self.metrics.requests.inc(outcome="unavailable")
+            return oe.error_response(503, "pdbox is shutting down.", "service_unavailable",
+                                     headers={"Retry-After": "5"})
+        try:
+            body = await oe.read_json(request, self.profile.router.max_body_bytes)
+            max_tokens = oe.validate(body, kind, self.max_model_len)
+            if body["model"] not in self.served_names:
+                raise oe.BadRequest(404, f"The model `{body['model']}` does not exist; "
+                                    f"this server serves {', '.join(self.served_names)}.",
+                                    param="model", code="model_not_found")
+            priority = self._priority(request, body)
+            try:
+                tokens = self._tokens(body, kind)
+            except Exception as exc:  # a template error is the client's input, not a crash
+                raise oe.BadRequest(400, f"Could not tokenize the request: {exc}.") from None
+            n_prompt = int(len(tokens) / self.units)
+            if n_prompt >= self.max_model_len or n_prompt + (max_tokens or 0) > self.max_model_len:
+                raise oe.BadRequest(
+                    400, f"The prompt has {n_prompt} tokens; with max_tokens "
+                    f"{max_tokens or 0} it exceeds this model's context of {self.max_model_len}.",
+                    param="messages" if kind == "chat" else "prompt")
+        except oe.BadRequest as exc:
+            self.metrics.requests.inc(outcome="bad_request")
+            return oe.from_exc(exc)
+
+        # Our own priority field is not vLLM's; pass vLLM an integer only
+        # where the profile turned priority scheduling on.
+        if isinstance(body.get("priority"), str):
+            body.pop("priority")
+        if self.profile.router.priority_scheduling:
+            body["priority"] = BATCH_VLLM_PRIORITY if priority == "batch" else 0
+        else:
+            body.pop("priority", None)
+
+        try:
+            ticket = await self.admission.acquire(priority, len(tokens))
+        except QueueFull as exc:
+            self.metrics.rejected.inc()
+            self.metrics.requests.inc(outcome="rejected")
+            return oe.error_response(
+                429, "pdbox is saturated; retry later.", "rate_limit_exceeded",
+                headers={"Retry-After": str(max(1, int(exc.retry_after_s + 0.999)))})
+        try:
+            return await self._route(request, body, kind, tokens, t0)
+        finally:
+            self.admission.release(ticket)
+
+    async def _route(self, request: web.Request, body: dict[str, Any], kind: str,
+                     tokens: list[int], t0: float) -> web.StreamResponse:
+        request_id = request.headers.get("X-Request-Id") or f"pdbox-{uuid.uuid4().hex}"
+        session_key = request.headers.get("x-session-id") or (
+            body.get("user") if isinstance(body.get("user"), str) else None)
+        hashes = block_hashes(tokens, self.block_size)
+        excluded: set[str] = set()
+        attempt = 0
+        while True:
+            attempt += 1
+            cands = [b for b in self.registry.of_roles(self.registry.decode_roles())
+                     if b.id not in excluded]
+            if not cands:
+                self.metrics.requests.inc(outcome="unavailable")
+                return oe.error_response(503, "No worker is ready to serve this request.",
+                                         "service_unavailable", headers={"Retry-After": "5"})
+            matches = self._match([b.id for b in cands], hashes)
+            try:
+                pick = self.picker.pick([b.view() for b in cands], matches, len(hashes),
+                                        self.policy, session_key)
+            except NoWorker as exc:
+                return oe.error_response(503, str(exc), "service_unavailable")
+            decode = self.registry.get(pick.worker_id)
+            assert decode is not None
+            matched_tokens = int(min(len(tokens), matches.get(decode.id, 0) * self.block_size)
+                                 / self.units)
+            result = await self._run(request, body, kind, tokens, hashes, decode, matched_tokens,
+                                     request_id, pick.reason, t0, last_try=attempt >= 2)
+            if result is not None:
+                return result
+            # Failed before the first byte: once more on another worker.
+            excluded.add(decode.id)
+            self.metrics.retries.inc()
+
+    def _match(self, ids: list[str], hashes: list[int]) -> dict[str, int]:
+        m = self.approx.match_all(ids, hashes)
+        if self.precise is not None:
+            for wid, n in self.precise.match_all(ids, hashes).items():
+                m[wid] = max(m.get(wid, 0), n)
+        return m
+
+    async def _run(self, request: web.Request, body: dict[str, Any], kind: str,
+                   tokens: list[int], hashes: list[int], decode: Backend, matched_tokens: int,
+                   request_id: str, pick_reason: str, t0: float, last_try: bool
+                   ) -> web.StreamResponse | None:
+        assert self.session is not None
+        path = PATHS[kind]
+        kv_params = None
+        prefill: Backend | None = None
+        pd = "aggregated"
+        reason = pick_reason
+        uncached = int(len(tokens) / self.units) - matched_tokens
+        if self.profile.is_pd and decode.role == "decode":
+            prefills = self.registry.of_roles(("prefill",))
+            if prefills:
+                pm = self._match([b.id for b in prefills], hashes)
+                pp = self.prefill_picker.pick([b.view() for b in prefills], pm, len(hashes),
+                                              "prefix" if self.policy == "prefix" else self.policy)
+                prefill = self.registry.get(pp.worker_id)
+            dec = self.decider.decide(uncached, prefill.view() if prefill else None,
+                                      decode.view(), time.monotonic())
+            reason = dec.reason
+            pd = "remote" if dec.remote else "local"
+            if dec.remote and prefill is not None:
+                prefill.inflight += 1
+                tp = time.monotonic()
+                try:
+                    kv_params = await prefill_leg(self.session, prefill.url, path, body, request_id,
+                                                  self.profile.router.prefill_timeout_s)
+                    self.decider.observe_prefill(prefill.id, uncached, time.monotonic() - tp)
+                    self.metrics.routed.inc(worker=prefill.id, leg="prefill")
+                    self.approx.record(prefill.id, hashes)
+                except PrefillFailed as exc:
+                    self.metrics.fallbacks.inc(cause=_cause(str(exc)))
+                    pd = "local"
+                    reason = f"local (fallback): {exc}"
+                    if self.events:
+                        self.events("router", f"{request_id}: prefill on {prefill.id} failed, "
+                                    f"decoding locally: {exc}")
+                finally:
+                    prefill.inflight -= 1
+            if pd == "local":
+                prefill_id = None
+            else:
+                prefill_id = prefill.id if prefill else None
+        else:
+            prefill_id = None
+        self.metrics.pd.inc(path=pd)
+        decision = Decision(request_id, decode.id, prefill_id, pd, reason,
+                            int(len(tokens) / self.units), matched_tokens)
+        headers = {
+            "x-request-id": request_id,
+            "x-pdbox-decode-worker": decode.id,
+            "x-pdbox-pd": pd,
+            "x-pdbox-pd-reason": _header_safe(reason),
+        }
+        if prefill_id:
+            headers["x-pdbox-prefill-worker"] = prefill_id
+        decode.inflight += 1
+        decode.routed += 1
+        try:
+            return await self._decode_leg(request, body, kv_params, decode, path, headers,
+                                          request_id, decision, hashes, uncached, t0, last_try)
+        finally:
+            decode.inflight -= 1
+
+    async def _decode_leg(self, request: web.Request, body: dict[str, Any],
+                          kv_params: dict[str, Any] | None, decode: Backend, path: str,
+                          headers: dict[str, str], request_id: str, decision: Decision,
+                          hashes: list[int], uncached: int, t0: float, last_try: bool
+                          ) -> web.StreamResponse | None:
+        assert self.session is not None
+        stream = bool(body.get("stream"))
+        timeout = aiohttp.ClientTimeout(total=self.profile.router.request_timeout_s,
+                                        sock_connect=5)
+        try:
+            upstream = await self.session.post(
+                f"{decode.url}{path}", data=json.dumps(decode_body(body, kv_params)),
+                headers={"Content-Type": "application/json", "X-Request-Id": request_id},
+                timeout=timeout)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if not last_try:
+                return None
+            self.metrics.requests.inc(outcome="error")
+            return oe.error_response(502, f"Worker {decode.id} failed: {exc}.", "upstream_error")
+        async with upstream:
+            if upstream.status >= 500 and not last_try:
+                await upstream.read()
+                return None
+            self.decisions.append(decision)
+            self.metrics.routed.inc(worker=decode.id, leg="decode")
+            self.metrics.prompt_tokens.inc(decision.prompt_tokens)
+            self.metrics.prefix_tokens.inc(decision.matched_tokens)
+            self.approx.record(decode.id, hashes)
+            if upstream.status != 200 or not stream:
+                try:
+                    data = await upstream.read()
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    self.metrics.requests.inc(outcome="error")
+                    return oe.error_response(502, f"Worker {decode.id} failed: {exc}.",
+                                             "upstream_error", headers=headers)
+                elapsed = time.monotonic() - t0
+                ok = upstream.status == 200
+                self.metrics.requests.inc(outcome="ok" if ok else "upstream_error")
+                if ok:
+                    self.metrics.e2e.observe(elapsed, time.monotonic())
+                return web.Response(body=data, status=upstream.status, headers=headers,
+                                    content_type=upstream.content_type or "application/json")
+            resp = web.StreamResponse(status=200, headers=headers)
+            resp.content_type = "text/event-stream"
+            resp.headers["Cache-Control"] = "no-cache"
+            await resp.prepare(request)
+            first: float | None = None
+            last = 0.0
+            chunks = 0
+            try:
+                async for chunk in upstream.content.iter_any():
+                    now = time.monotonic()
+                    n = chunk.count(b"data: ")
+                    if n and first is None:
+                        first = now
+                        self.metrics.ttft.observe(now - t0, now)
+                        if decision.pd == "local" and decode.role == "decode":
+                            self.decider.observe_local_prefill(decode.id, uncached, now - t0)
+                    elif n:
+                        gap = now - last
+                        self.metrics.itl.observe(gap, now)
+                        self.decider.observe_itl(decode.id, gap)
+                    if n:
+                        last = now
+                        chunks += n
+                    await resp.write(chunk)
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                err = oe.error_body(502, f"Worker {decode.id} failed mid-stream: {exc}.",
+                                    "upstream_error")
+                self.metrics.requests.inc(outcome="error")
+                try:
+                    await resp.write(f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode())
+                    await resp.write_eof()
+                except (ConnectionResetError, aiohttp.ClientError):
+                    pass
+                return resp
+            self.metrics.output_chunks.inc(chunks)
+            self.metrics.e2e.observe(time.monotonic() - t0, time.monotonic())
+            self.metrics.requests.inc(outcome="ok")
+            await resp.write_eof()
+            return resp
+
+    # -------------------------------------------------------------- status
+
+    def snapshot(self, window_s: float = 60.0) -> dict[str, Any]:
+        now = time.monotonic()
+        since = now - window_s
+        m = self.metrics
+        remote, local = m.pd.get(path="remote"), m.pd.get(path="local")
+        recent = [t for t, _ in m.e2e.recent if t >= now - 10]
+        xfer_ms = mbps = None
+        tsum = tcnt = bsum = 0.0
+        for b in self.registry.backends.values():
+            tsum += b.metrics.get("vllm:nixl_xfer_time_seconds_sum", 0.0)
+            tcnt += b.metrics.get("vllm:nixl_xfer_time_seconds_count", 0.0)
+            bsum += b.metrics.get("vllm:nixl_bytes_transferred_sum", 0.0)
+        if tcnt:
+            xfer_ms = 1000 * tsum / tcnt
+            mbps = (bsum / 1e6) / tsum if tsum else None
+        return {
+            "requests_total": int(m.requests.total()),
+            "rps": len(recent) / 10.0,
+            "tokens_per_s": sum(1 for t, _ in m.itl.recent if t >= now - 10) / 10.0,
+            "ttft_p50_s": m.ttft.percentile(0.5, since),
+            "ttft_p99_s": m.ttft.percentile(0.99, since),
+            "itl_p50_s": m.itl.percentile(0.5, since),
+            "itl_p99_s": m.itl.percentile(0.99, since),
+            "pd_remote": int(remote),
+            "pd_local": int(local),
+            "pd_share": remote / (remote + local) if remote + local else None,
+            "fallbacks": int(m.fallbacks.total()),
+            "rejected_429": int(m.rejected.total()),
+            "queued": self.admission.queued,
+            "nixl_xfer_ms": xfer_ms,
+            "nixl_mb_per_s": mbps,
+            "policy": self.policy,
+            "decider": self.decider.estimates(),
+            "last_decisions": [d.to_dict() for d in list(self.decisions)[-10:]],
+        }
+
+
+def _header_safe(text: str) -> str:
+    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:300]
+
+
+def _cause(message: str) -> str:
+    if "timed out" in message:
+        return "timeout"
+    if "unreachable" in message:
+        return "unreachable"
+    if "answered" in message:
+        return "error"
+    return "invalid"

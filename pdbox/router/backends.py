@@ -1,0 +1,137 @@
+"""The workers the router can send to, and what it last read of them.
+
+The registry is fed by whoever owns the workers: the supervisor in a managed
+box, or a fixed list of URLs in attach mode. A background task scrapes each
+ready worker's /metrics (queue, running, KV use, NIXL transfer figures); the
+router's own in-flight count is kept here too because it is always current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from pdbox.router.metrics import parse_vllm_metrics
+from pdbox.router.policy import WorkerView
+
+ROUTABLE = {"ready"}
+
+
+@dataclass
+class Backend:
+    id: str
+    role: str  # prefill | decode | aggregated
+    url: str
+    state: str = "starting"
+    inflight: int = 0
+    waiting: int = 0
+    running: int = 0
+    kv_usage: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    scraped_at: float = 0.0
+    scrape_errors: int = 0
+    routed: int = 0
+    kv_events_endpoint: str | None = None
+
+    @property
+    def routable(self) -> bool:
+        return self.state in ROUTABLE
+
+    def view(self) -> WorkerView:
+        return WorkerView(
+            id=self.id,
+            role=self.role,
+            url=self.url,
+            ready=self.routable,
+            waiting=self.waiting,
+            running=self.running,
+            inflight=self.inflight,
+            kv_usage=self.kv_usage,
+        )
+
+    def prefix_hit_rate(self) -> float | None:
+        q = self.metrics.get("vllm:prefix_cache_queries_total")
+        h = self.metrics.get("vllm:prefix_cache_hits_total")
+        if not q:
+            return None
+        return (h or 0.0) / q
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.backends: dict[str, Backend] = {}
+
+    def upsert(self, id: str, role: str, url: str, state: str, kv_events: str | None = None) -> Backend:
+        b = self.backends.get(id)
+        if b is None or b.url != url:
+            b = Backend(id=id, role=role, url=url, state=state, kv_events_endpoint=kv_events)
+            self.backends[id] = b
+        else:
+            b.state = state
+            b.kv_events_endpoint = kv_events
+        return b
+
+    def remove(self, id: str) -> None:
+        self.backends.pop(id, None)
+
+    def get(self, id: str) -> Backend | None:
+        return self.backends.get(id)
+
+    def of_roles(self, roles: tuple[str, ...], routable_only: bool = True) -> list[Backend]:
+        return [
+            b for b in self.backends.values() if b.role in roles and (b.routable or not routable_only)
+        ]
+
+    def decode_roles(self) -> tuple[str, ...]:
+        """Roles that serve a request end to end: decode in P/D, aggregated otherwise."""
+        return ("decode", "aggregated")
+
+
+async def scrape_once(session: aiohttp.ClientSession, b: Backend, timeout: float = 2.0) -> None:
+    try:
+        async with session.get(
+            f"{b.url}/metrics", timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
+            text = await resp.text()
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        b.scrape_errors += 1
+        return
+    m = parse_vllm_metrics(text)
+    b.metrics = m
+    b.waiting = int(m.get("vllm:num_requests_waiting", 0))
+    b.running = int(m.get("vllm:num_requests_running", 0))
+    b.kv_usage = float(m.get("vllm:kv_cache_usage_perc", 0.0))
+    b.scraped_at = time.monotonic()
+    b.scrape_errors = 0
+
+
+async def scrape_loop(
+    registry: Registry,
+    session: aiohttp.ClientSession,
+    busy_interval_s: float = 0.1,
+    idle_interval_s: float = 1.0,
+) -> None:
+    """Scrape often while a worker has work, rarely while it is idle.
+
+    A vLLM /metrics answer is about 60 KB of text that the worker's API
+    server renders on the worker's own core; polling an idle worker ten
+    times a second would cost it CPU for figures that do not change.
+    """
+    last: dict[str, float] = {}
+    while True:
+        now = time.monotonic()
+        due = []
+        for b in list(registry.backends.values()):
+            if b.state not in ("ready", "draining", "warming"):
+                continue
+            busy = b.inflight > 0 or b.running > 0 or b.waiting > 0
+            interval = busy_interval_s if busy else idle_interval_s
+            if now - last.get(b.id, 0.0) >= interval:
+                last[b.id] = now
+                due.append(scrape_once(session, b))
+        if due:
+            await asyncio.gather(*due)
+        await asyncio.sleep(busy_interval_s / 2)
