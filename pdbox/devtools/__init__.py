@@ -1,0 +1,1 @@
+"""Tools for developing and testing pdbox without real workers."""
