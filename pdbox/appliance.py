@@ -96,6 +96,7 @@ class Appliance:
         api_key: str | None = None,
         on_progress: Callable[[str], None] = lambda msg: None,
         stop_grace_s: float = 30.0,
+        echo_events: bool = False,
     ) -> None:
         self.profile = profile
         self.run_dir = run_dir
@@ -105,6 +106,8 @@ class Appliance:
         self.api_key = api_key
         self.on_progress = on_progress
         self.stop_grace_s = stop_grace_s
+        # Headless: worker, scale and error events also go to stderr.
+        self.echo_events = echo_events
         self.started = time.monotonic()
         self.registry = Registry()
         self.events: deque[dict[str, Any]] = deque(maxlen=200)
@@ -139,6 +142,8 @@ class Appliance:
         if self._log_file is not None:
             self._log_file.write(time.strftime("%H:%M:%S ") + f"[{kind}] {message}\n")
             self._log_file.flush()
+        if self.echo_events and kind in ("worker", "scale", "error", "router"):
+            self.on_progress(message)
         for q in list(self._subscribers):
             if q.qsize() < 500:
                 q.put_nowait(ev)

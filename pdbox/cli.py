@@ -55,7 +55,9 @@ class LazyGroup(click.Group):
         module, attr = target.split(":")
         try:
             return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError):
+        except (ImportError, AttributeError) as exc:
+            reason = str(exc)
+
             # A command whose module is missing shows up but says why it can't run.
             @click.command(name=name, help=HELP.get(name, ""))
             def unavailable() -> None:

@@ -97,7 +97,7 @@ async def _run_headless(profile, run_dir: Path, host, port, attached, api_key) -
     from pdbox.appliance import Appliance, StartError
 
     app = Appliance(profile, run_dir, host=host, port=port, attach=attached, api_key=api_key,
-                    on_progress=_progress)
+                    on_progress=_progress, echo_events=True)
     start = asyncio.create_task(app.start())
     stop_wait = asyncio.create_task(app.run())
     try:

@@ -259,6 +259,7 @@ class Router:
         session_key = request.headers.get("x-session-id") or (
             body.get("user") if isinstance(body.get("user"), str) else None)
         hashes = block_hashes(tokens, self.block_size)
+        self._size_index()
         excluded: set[str] = set()
         attempt = 0
         while True:
@@ -286,6 +287,17 @@ class Router:
             # Failed before the first byte: once more on another worker.
             excluded.add(decode.id)
             self.metrics.retries.inc()
+
+    def _size_index(self) -> None:
+        """Bound the approximate index by what a worker's KV cache really holds.
+
+        An index larger than the cache believes in blocks long evicted; one
+        smaller forgets blocks still there. Replays put the best bound at the
+        cache size itself (docs/ROUTING.md).
+        """
+        sizes = [b.num_blocks for b in self.registry.backends.values() if b.num_blocks]
+        if sizes:
+            self.approx.blocks_per_worker = min(sizes)
 
     def _match(self, ids: list[str], hashes: list[int]) -> dict[str, int]:
         m = self.approx.match_all(ids, hashes)

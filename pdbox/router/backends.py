@@ -9,6 +9,7 @@ router's own in-flight count is kept here too because it is always current.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from pdbox.router.metrics import parse_vllm_metrics
 from pdbox.router.policy import WorkerView
 
 ROUTABLE = {"ready"}
+_NUM_BLOCKS = re.compile(r'vllm:cache_config_info\{[^}]*num_gpu_blocks="(\d+)"')
 
 
 @dataclass
@@ -35,6 +37,7 @@ class Backend:
     scrape_errors: int = 0
     routed: int = 0
     kv_events_endpoint: str | None = None
+    num_blocks: int = 0  # the worker's KV cache size in blocks, from vllm:cache_config_info
 
     @property
     def routable(self) -> bool:
@@ -100,6 +103,10 @@ async def scrape_once(session: aiohttp.ClientSession, b: Backend, timeout: float
         b.scrape_errors += 1
         return
     m = parse_vllm_metrics(text)
+    if not b.num_blocks:
+        found = _NUM_BLOCKS.search(text)
+        if found:
+            b.num_blocks = int(found.group(1))
     b.metrics = m
     b.waiting = int(m.get("vllm:num_requests_waiting", 0))
     b.running = int(m.get("vllm:num_requests_running", 0))
