@@ -187,6 +187,9 @@ class Supervisor:
     workers: dict[str, Worker] = field(default_factory=dict)
     fatal: str | None = None
     _recent: deque[str] = field(default_factory=lambda: deque(maxlen=200))
+    # Workers being stopped on purpose (restart, drain): tick() leaves them
+    # alone, so their exit is not taken for a crash.
+    _stopping: set[str] = field(default_factory=set)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -206,10 +209,18 @@ class Supervisor:
 
     def _spawn(self, w: Worker) -> None:
         w.generation += 1
-        w.proc = self.launcher.spawn(w.spec, w.log_path)
         w.started_at = self.clock.now()
         w.exit_code = None
         w.unhealthy_since = None
+        w.state = "starting"
+        try:
+            w.proc = self.launcher.spawn(w.spec, w.log_path)
+        except OSError as exc:
+            # e.g. the interpreter is gone or the log folder is not writable:
+            # a start failure like any other, so it backs off and ends in `fatal`.
+            w.proc = None
+            self._exited(w, 127, w.started_at, reason=f"could not be started ({exc})")
+            return
         self._set(w, "starting", f"{w.id} starting (pid {w.proc.pid}, {w.spec.slice or 'gpu'})")
 
     def _set(self, w: Worker, state: str, message: str | None = None) -> None:
@@ -226,43 +237,55 @@ class Supervisor:
         """One pass over every worker: notice exits, hangs, readiness; restart with backoff."""
         now = self.clock.now()
         for w in list(self.workers.values()):
-            if w.state in ("stopped", "failed"):
+            if w.state in ("stopped", "failed") or w.id in self._stopping:
                 continue
             if w.proc is None:
-                if w.state == "restarting" and now >= w.next_start_at:
-                    if self.settings.sequential_start and self._someone_starting():
-                        continue
-                    self._spawn(w)
-                elif w.state == "starting" and now >= w.next_start_at:
+                if w.state in ("restarting", "starting") and now >= w.next_start_at:
                     if not (self.settings.sequential_start and self._someone_starting()):
                         self._spawn(w)
                 continue
-            code = w.proc.poll()
+            proc = w.proc
+            code = proc.poll()
             if code is not None:
-                await self._on_exit(w, code, now)
+                self._exited(w, code, now)
                 continue
             if w.state == "starting":
-                if await self.prober.healthy(w.spec):
+                if await self.prober.healthy(w.spec) and self._current(w, proc):
                     self._set(w, "warming", f"{w.id} answers /health; warming up")
-                    if await self.prober.warm_up(w.spec):
+                    warm = await self.prober.warm_up(w.spec)
+                    if not self._current(w, proc):
+                        continue
+                    if warm:
                         w.start_failures = 0
                         self._set(w, "ready", f"{w.id} ready on port {w.spec.ports.http}")
-                    else:
-                        self._set(w, "starting")
-                elif now - w.started_at > self.settings.start_timeout_s:
-                    w.proc.signal_group(signal.SIGKILL)
-                    await self._on_exit(w, -9, now, reason="did not become ready in time")
+                        continue
+                    self._set(w, "starting")
+                if self._current(w, proc) and now - w.started_at > self.settings.start_timeout_s:
+                    # Also when /health answers but warm-up never succeeds.
+                    proc.signal_group(signal.SIGKILL)
+                    self._exited(w, -9, now, reason="did not become ready in time")
             elif w.state in ("ready", "draining"):
-                if await self.prober.healthy(w.spec):
+                healthy = await self.prober.healthy(w.spec)
+                if not self._current(w, proc):
+                    continue
+                if healthy:
                     w.unhealthy_since = None
                 else:
-                    w.unhealthy_since = w.unhealthy_since or now
+                    if w.unhealthy_since is None:
+                        w.unhealthy_since = now
                     if now - w.unhealthy_since >= self.settings.health_timeout_s:
                         self.on_event("worker", f"{w.id} stopped answering /health; restarting it")
-                        w.proc.signal_group(signal.SIGKILL)
-                        await self._on_exit(w, -9, now, reason="hung")
+                        proc.signal_group(signal.SIGKILL)
+                        self._exited(w, -9, now, reason="hung")
+
+    def _current(self, w: Worker, proc: Proc) -> bool:
+        """False once a stop or restart took this worker's process away during an await."""
+        return w.proc is proc and w.id not in self._stopping
 
     async def _on_exit(self, w: Worker, code: int, now: float, reason: str = "") -> None:
+        self._exited(w, code, now, reason)
+
+    def _exited(self, w: Worker, code: int, now: float, reason: str = "") -> None:
         w.exit_code = code
         w.proc = None
         if w.state == "draining":
@@ -303,8 +326,7 @@ class Supervisor:
 
     async def restart(self, wid: str) -> None:
         w = self.workers[wid]
-        if w.proc is not None:
-            await self._stop_one(w)
+        await self._stop_one(w)
         w.restarts += 1
         w.start_failures = 0
         w.next_start_at = self.clock.now()
@@ -319,38 +341,41 @@ class Supervisor:
         w = self.workers[wid]
         await self._stop_one(w)
         self._set(w, "stopped", f"{w.id} stopped")
-        del self.workers[wid]
+        self.workers.pop(wid, None)
 
     async def _stop_one(self, w: Worker) -> None:
         if w.proc is None:
             return
-        await self._stop_procs([w])
+        self._stopping.add(w.id)
+        try:
+            await self._stop_procs([w])
+        finally:
+            self._stopping.discard(w.id)
 
     async def _stop_procs(self, ws: list[Worker]) -> None:
-        live = [w for w in ws if w.proc is not None]
-        for w in live:
-            w.proc.signal_group(signal.SIGTERM)  # type: ignore[union-attr]
+        # The processes are taken now: tick() may run during the grace period.
+        live = [(w, w.proc) for w in ws if w.proc is not None]
+        for _, proc in live:
+            proc.signal_group(signal.SIGTERM)
         deadline = self.clock.now() + self.settings.stop_grace_s
         while self.clock.now() < deadline:
-            if all(w.proc is None or w.proc.poll() is not None for w in live):
+            if all(proc.poll() is not None for _, proc in live):
                 break
             await self.clock.sleep(0.1)
-        for w in live:
+        for w, proc in live:
             # SIGKILL the whole group even when the leader is gone: the
             # engine-core children may still be alive in it.
-            w.proc.signal_group(signal.SIGKILL)  # type: ignore[union-attr]
-        # Return only once no process of those groups runs any more, so that
-        # "pdbox stopped" really means nothing of it is left.
-        groups = [w.proc.pid for w in live]  # type: ignore[union-attr]
-        deadline = self.clock.now() + 10.0
-        while self.clock.now() < deadline and any(group_running(g) for g in groups):
-            await self.clock.sleep(0.1)
-        for w in live:
-            w.proc = None
+            proc.signal_group(signal.SIGKILL)
+            if w.proc is proc:
+                w.proc = None
 
     async def stop_all(self) -> None:
         ws = list(self.workers.values())
-        await self._stop_procs(ws)
+        self._stopping.update(w.id for w in ws)
+        try:
+            await self._stop_procs(ws)
+        finally:
+            self._stopping.difference_update(w.id for w in ws)
         for w in ws:
             if w.state != "stopped":
                 self._set(w, "stopped")

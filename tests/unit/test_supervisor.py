@@ -1,0 +1,543 @@
+"""The supervisor's lifecycle with fake processes, a fake prober and a fake clock.
+
+No test sleeps: the clock only moves when a test (or the supervisor's own
+sleep) moves it. The fake processes exit when signalled, after a delay on
+the fake clock, or never (a process that ignores SIGTERM). A few tests at the
+end start real `sleep` processes to check the process-group handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pdbox.workers.supervisor import (
+    PopenLauncher,
+    RealClock,
+    Supervisor,
+    SupervisorError,
+    SupervisorSettings,
+    Worker,
+)
+from pdbox.workers.vllm import WorkerPorts, WorkerSpec
+
+# ----------------------------------------------------------------------- fakes
+
+
+class FakeClock:
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = t
+        self.slept: list[float] = []
+        # Runs at every sleep: what else the event loop would do meanwhile.
+        self.on_sleep: Callable[[], Awaitable[None]] | None = None
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.t += seconds
+        if self.on_sleep is not None:
+            await self.on_sleep()
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class FakeProc:
+    """A worker process group. SIGKILL ends it at once; SIGTERM after `term_delay`
+    seconds on the clock, or never when term_delay is None."""
+
+    def __init__(self, pid: int, clock: FakeClock, term_delay: float | None = 0.0) -> None:
+        self.pid = pid
+        self.clock = clock
+        self.term_delay = term_delay
+        self.code: int | None = None
+        self.exit_at: float | None = None
+        self.signals: list[int] = []
+
+    def poll(self) -> int | None:
+        if self.code is None and self.exit_at is not None and self.clock.now() >= self.exit_at:
+            self.code = -signal.SIGTERM
+        return self.code
+
+    def signal_group(self, sig: int) -> None:
+        self.signals.append(sig)
+        if sig == signal.SIGKILL and self.code is None:
+            self.code = -signal.SIGKILL
+        elif sig == signal.SIGTERM and self.term_delay is not None and self.exit_at is None:
+            self.exit_at = self.clock.now() + self.term_delay
+
+    def exit(self, code: int) -> None:
+        self.code = code
+
+
+class FakeLauncher:
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.procs: list[tuple[str, FakeProc]] = []
+        self.term_delay: float | None = 0.0
+        self.log_lines: list[str] = []
+        self.fail: OSError | None = None
+
+    def spawn(self, spec: WorkerSpec, log_path: Path) -> FakeProc:
+        if self.fail is not None:
+            raise self.fail
+        if self.log_lines:
+            with open(log_path, "a") as f:
+                f.write("".join(line + "\n" for line in self.log_lines))
+        proc = FakeProc(1000 + len(self.procs), self.clock, self.term_delay)
+        self.procs.append((spec.id, proc))
+        return proc
+
+    def last(self, wid: str) -> FakeProc:
+        return [p for i, p in self.procs if i == wid][-1]
+
+    def count(self, wid: str) -> int:
+        return sum(1 for i, _ in self.procs if i == wid)
+
+
+class FakeProber:
+    def __init__(self) -> None:
+        self.health: dict[str, bool] = {}
+        self.warm: dict[str, bool] = {}
+        self.asked: list[tuple[str, str]] = []
+
+    async def healthy(self, spec: WorkerSpec) -> bool:
+        self.asked.append(("health", spec.id))
+        return self.health.get(spec.id, False)
+
+    async def warm_up(self, spec: WorkerSpec) -> bool:
+        self.asked.append(("warm", spec.id))
+        return self.warm.get(spec.id, True)
+
+
+def spec(wid: str = "decode-0", port: int = 9000) -> WorkerSpec:
+    role, index = wid.rsplit("-", 1)
+    return WorkerSpec(id=wid, role=role, index=int(index), argv=["true"], env={},
+                      ports=WorkerPorts(http=port), cores="1")
+
+
+class Rig:
+    def __init__(self, tmp_path: Path, **settings: object) -> None:
+        self.clock = FakeClock()
+        self.launcher = FakeLauncher(self.clock)
+        self.prober = FakeProber()
+        self.events: list[str] = []
+        self.states: list[tuple[str, str]] = []
+        self.sup = Supervisor(
+            launcher=self.launcher, prober=self.prober, clock=self.clock, log_dir=tmp_path,
+            settings=SupervisorSettings(**settings),  # type: ignore[arg-type]
+            on_event=lambda kind, msg: self.events.append(msg),
+            on_state=lambda w: self.states.append((w.id, w.state)),
+        )
+
+    def tick(self) -> None:
+        asyncio.run(self.sup.tick())
+
+    def ready(self, wid: str = "decode-0") -> Worker:
+        w = self.sup.add(spec(wid)) if wid not in self.sup.workers else self.sup.workers[wid]
+        self.prober.health[wid] = True
+        self.tick()
+        assert w.state == "ready"
+        return w
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    return Rig(tmp_path)
+
+
+# ------------------------------------------------------------------- start-up
+
+
+def test_starting_warming_ready(rig: Rig) -> None:
+    w = rig.sup.add(spec())
+    assert w.state == "starting" and w.pid == 1000
+    rig.tick()
+    assert w.state == "starting"  # /health not answering yet
+    rig.prober.health["decode-0"] = True
+    rig.clock.advance(1)
+    rig.tick()
+    assert w.state == "ready"
+    assert [s for i, s in rig.states] == ["starting", "warming", "ready"]
+    assert rig.prober.asked[-2:] == [("health", "decode-0"), ("warm", "decode-0")]
+    assert "decode-0 ready on port 9000" in rig.events
+
+
+def test_a_failed_warm_up_stays_starting_then_succeeds(rig: Rig) -> None:
+    w = rig.sup.add(spec())
+    rig.prober.health["decode-0"] = True
+    rig.prober.warm["decode-0"] = False
+    rig.tick()
+    assert w.state == "starting"
+    rig.prober.warm["decode-0"] = True
+    rig.tick()
+    assert w.state == "ready"
+
+
+def test_wait_ready_returns_once_all_are_ready(rig: Rig) -> None:
+    rig.sup.add(spec("prefill-0", 9001))
+    rig.sup.add(spec("decode-0", 9002))
+    rig.prober.health["prefill-0"] = True
+
+    async def later() -> None:
+        if rig.clock.now() >= 3:
+            rig.prober.health["decode-0"] = True
+
+    rig.clock.on_sleep = later
+    asyncio.run(rig.sup.wait_ready())
+    assert {w.state for w in rig.sup.workers.values()} == {"ready"}
+    assert rig.clock.now() == pytest.approx(3.0)
+
+
+def test_wait_ready_times_out(rig: Rig) -> None:
+    rig.sup.add(spec())
+    with pytest.raises(SupervisorError, match="did not become ready in time"):
+        asyncio.run(rig.sup.wait_ready(timeout=5))
+
+
+# ------------------------------------------------------------ crash and restart
+
+
+def test_a_ready_worker_that_dies_is_restarted_after_backoff(rig: Rig) -> None:
+    w = rig.ready()
+    rig.launcher.last("decode-0").exit(1)
+    rig.clock.advance(2)
+    rig.tick()
+    assert w.state == "restarting" and w.restarts == 1 and w.exit_code == 1
+    assert w.next_start_at == pytest.approx(3.0)  # backoff_base_s after the exit
+    assert any("exited with code 1; restarting in 1s" in e for e in rig.events)
+    rig.clock.advance(0.5)
+    rig.tick()
+    assert rig.launcher.count("decode-0") == 1
+    rig.clock.advance(0.5)
+    rig.tick()
+    assert rig.launcher.count("decode-0") == 2
+    assert w.state == "starting" and w.pid == 1001 and w.generation == 2
+    rig.tick()
+    assert w.state == "ready" and w.restarts == 1
+
+
+def test_start_failures_back_off_exponentially_then_fatal(tmp_path: Path) -> None:
+    r = Rig(tmp_path, max_start_failures=6, backoff_base_s=1.0, backoff_cap_s=5.0)
+    r.launcher.log_lines = [f"line {i}" for i in range(30)] + ["ValueError: no such model"]
+    w = r.sup.add(spec())
+    delays = []
+    while w.state != "failed":
+        r.launcher.last("decode-0").exit(1)
+        r.tick()
+        if w.state == "failed":
+            break
+        assert w.state == "restarting"
+        delays.append(w.next_start_at - r.clock.now())
+        r.clock.t = w.next_start_at - 0.01
+        r.tick()
+        assert w.proc is None  # not before the backoff is over
+        r.clock.t = w.next_start_at
+        r.tick()
+        assert w.state == "starting"
+    assert delays == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert w.start_failures == 6
+    assert r.sup.fatal is not None
+    assert r.sup.fatal.startswith("decode-0 failed to start 6 times (exited with code 1)")
+    assert "ValueError: no such model" in r.sup.fatal
+    assert "line 29" in r.sup.fatal and "line 5\n" not in r.sup.fatal
+    assert str(w.log_path) in r.sup.fatal
+    with pytest.raises(SupervisorError, match="no such model"):
+        asyncio.run(r.sup.wait_ready())
+    # A failed worker is left alone.
+    r.clock.advance(100)
+    r.tick()
+    assert r.launcher.count("decode-0") == 6
+
+
+def test_becoming_ready_forgets_earlier_start_failures(tmp_path: Path) -> None:
+    r = Rig(tmp_path, max_start_failures=2)
+    w = r.sup.add(spec())
+    r.launcher.last("decode-0").exit(1)
+    r.tick()
+    assert w.start_failures == 1
+    r.clock.advance(1)
+    r.tick()
+    r.ready()
+    assert w.start_failures == 0
+    r.launcher.last("decode-0").exit(1)
+    r.tick()
+    assert w.state == "restarting" and r.sup.fatal is None
+
+
+def test_start_timeout_kills_the_group(tmp_path: Path) -> None:
+    r = Rig(tmp_path, start_timeout_s=10.0)
+    w = r.sup.add(spec())
+    proc = r.launcher.last("decode-0")
+    r.clock.advance(10)
+    r.tick()
+    assert w.state == "starting" and proc.signals == []
+    r.clock.advance(0.5)
+    r.tick()
+    assert proc.signals == [signal.SIGKILL]
+    assert w.state == "restarting" and w.start_failures == 1 and w.proc is None
+    assert any("did not become ready in time" in e for e in r.events)
+
+
+def test_start_timeout_also_when_warm_up_never_succeeds(tmp_path: Path) -> None:
+    r = Rig(tmp_path, start_timeout_s=10.0)
+    w = r.sup.add(spec())
+    r.prober.health["decode-0"] = True
+    r.prober.warm["decode-0"] = False
+    r.tick()
+    assert w.state == "starting"
+    r.clock.advance(11)
+    r.tick()
+    assert r.launcher.procs[0][1].signals == [signal.SIGKILL]
+    assert w.state == "restarting" and w.start_failures == 1
+
+
+def test_a_launcher_error_counts_as_a_start_failure(tmp_path: Path) -> None:
+    r = Rig(tmp_path, max_start_failures=2)
+    r.launcher.fail = FileNotFoundError(2, "No such file or directory", "/gone/python")
+    w = r.sup.add(spec())
+    assert w.state == "restarting" and w.proc is None and w.start_failures == 1
+    r.clock.advance(1)
+    r.tick()
+    assert w.state == "failed"
+    assert r.sup.fatal is not None and "could not be started" in r.sup.fatal
+
+
+# ------------------------------------------------------------------------ hangs
+
+
+def test_a_hang_triggers_sigkill_and_restart(rig: Rig) -> None:
+    w = rig.ready()  # at t = 0: "unhealthy since 0.0" must still count
+    proc = rig.launcher.last("decode-0")
+    rig.prober.health["decode-0"] = False
+    rig.tick()
+    assert w.unhealthy_since == 0.0
+    rig.clock.advance(14.9)
+    rig.tick()
+    assert w.state == "ready" and proc.signals == []
+    rig.clock.advance(0.1)
+    rig.tick()
+    assert proc.signals == [signal.SIGKILL]
+    assert w.state == "restarting" and w.restarts == 1 and w.start_failures == 0
+    assert any("stopped answering /health" in e for e in rig.events)
+
+
+def test_health_that_comes_back_resets_the_hang_timer(rig: Rig) -> None:
+    w = rig.ready()
+    rig.prober.health["decode-0"] = False
+    rig.tick()
+    rig.clock.advance(10)
+    rig.prober.health["decode-0"] = True
+    rig.tick()
+    assert w.unhealthy_since is None
+    rig.prober.health["decode-0"] = False
+    rig.clock.advance(10)
+    rig.tick()
+    rig.clock.advance(10)
+    rig.tick()
+    assert w.state == "ready"
+
+
+# ------------------------------------------------------------------- stopping
+
+
+def test_stop_all_escalates_to_sigkill_after_the_grace(tmp_path: Path) -> None:
+    r = Rig(tmp_path, stop_grace_s=10.0)
+    r.launcher.term_delay = None  # ignores SIGTERM
+    a, b = r.ready("prefill-0"), r.ready("decode-0")
+    pa, pb = r.launcher.last("prefill-0"), r.launcher.last("decode-0")
+    asyncio.run(r.sup.stop_all())
+    assert pa.signals == [signal.SIGTERM, signal.SIGKILL]
+    assert pb.signals == [signal.SIGTERM, signal.SIGKILL]
+    assert 10.0 <= r.clock.now() < 10.2
+    assert a.state == b.state == "stopped"
+    assert r.sup.pgids() == []
+
+
+def test_stop_all_does_not_wait_when_workers_exit(tmp_path: Path) -> None:
+    r = Rig(tmp_path, stop_grace_s=10.0)
+    r.launcher.term_delay = 0.25
+    r.ready("prefill-0")
+    r.ready("decode-0")
+    asyncio.run(r.sup.stop_all())
+    assert r.clock.now() == pytest.approx(0.3)
+    # The group is killed even though its leader left: vLLM's children may remain.
+    for _, p in r.launcher.procs:
+        assert p.signals == [signal.SIGTERM, signal.SIGKILL]
+
+
+def test_stop_all_after_stop_all_and_a_worker_waiting_to_restart(rig: Rig) -> None:
+    w = rig.ready()
+    rig.launcher.last("decode-0").exit(1)
+    rig.tick()
+    assert w.state == "restarting"
+    asyncio.run(rig.sup.stop_all())
+    asyncio.run(rig.sup.stop_all())
+    assert w.state == "stopped"
+    rig.clock.advance(5)
+    rig.tick()
+    assert rig.launcher.count("decode-0") == 1
+
+
+def test_a_drained_worker_that_exits_is_stopped(rig: Rig) -> None:
+    w = rig.ready()
+    rig.sup.begin_drain("decode-0")
+    assert w.state == "draining"
+    rig.launcher.last("decode-0").exit(0)
+    rig.tick()
+    assert w.state == "stopped" and w.restarts == 0
+    rig.clock.advance(60)
+    rig.tick()
+    assert rig.launcher.count("decode-0") == 1
+
+
+def test_finish_drain_stops_and_forgets(rig: Rig) -> None:
+    rig.ready()
+    rig.sup.begin_drain("decode-0")
+    asyncio.run(rig.sup.finish_drain("decode-0"))
+    assert "decode-0" not in rig.sup.workers
+    assert rig.launcher.last("decode-0").signals == [signal.SIGTERM, signal.SIGKILL]
+    assert rig.states[-1] == ("decode-0", "stopped")
+
+
+def test_restart_on_request(rig: Rig) -> None:
+    w = rig.ready()
+    old = rig.launcher.last("decode-0")
+    asyncio.run(rig.sup.restart("decode-0"))
+    assert old.signals == [signal.SIGTERM, signal.SIGKILL]
+    assert w.state == "restarting" and w.restarts == 1
+    rig.tick()
+    assert rig.launcher.count("decode-0") == 2 and w.state == "starting"
+
+
+def test_a_tick_during_a_restart_does_not_take_the_stop_for_a_crash(rig: Rig) -> None:
+    """The supervise loop keeps ticking while restart() waits for SIGTERM to work."""
+    w = rig.ready()
+    rig.launcher.term_delay = None
+    old = rig.launcher.last("decode-0")
+    old.term_delay = 0.3
+    rig.clock.on_sleep = rig.sup.tick
+    asyncio.run(rig.sup.restart("decode-0"))
+    assert w.restarts == 1
+    assert old.signals == [signal.SIGTERM, signal.SIGKILL]
+    assert not any("exited with code" in e for e in rig.events)
+
+
+def test_a_tick_during_finish_drain(rig: Rig) -> None:
+    rig.ready()
+    rig.launcher.last("decode-0").term_delay = 0.3
+    rig.sup.begin_drain("decode-0")
+    rig.clock.on_sleep = rig.sup.tick
+    asyncio.run(rig.sup.finish_drain("decode-0"))
+    assert "decode-0" not in rig.sup.workers
+    assert [s for _, s in rig.states].count("stopped") == 1
+
+
+# ------------------------------------------------------------ sequential start
+
+
+def test_sequential_start_spawns_one_after_another(tmp_path: Path) -> None:
+    r = Rig(tmp_path, sequential_start=True)
+    p = r.sup.add(spec("prefill-0", 9001))
+    d = r.sup.add(spec("decode-0", 9002))
+    assert [i for i, _ in r.launcher.procs] == ["prefill-0"]
+    assert d.state == "starting" and d.proc is None
+    r.tick()
+    assert [i for i, _ in r.launcher.procs] == ["prefill-0"]
+    r.prober.health["prefill-0"] = True
+    r.tick()
+    assert p.state == "ready"
+    assert [i for i, _ in r.launcher.procs] == ["prefill-0", "decode-0"]
+    r.prober.health["decode-0"] = True
+    r.tick()
+    assert d.state == "ready"
+
+
+def test_sequential_restart_waits_for_the_one_starting(tmp_path: Path) -> None:
+    r = Rig(tmp_path, sequential_start=True)
+    r.ready("prefill-0")
+    r.ready("decode-0")
+    r.launcher.last("prefill-0").exit(1)
+    r.launcher.last("decode-0").exit(1)
+    r.tick()
+    r.clock.advance(1)
+    r.tick()
+    assert r.launcher.count("prefill-0") == 2 and r.launcher.count("decode-0") == 1
+    r.tick()  # prefill-0 answers and is ready; then decode-0 may start
+    assert r.launcher.count("decode-0") == 2
+
+
+# --------------------------------------------------------- real process groups
+
+
+def _real_spec(argv: list[str]) -> WorkerSpec:
+    return WorkerSpec(id="decode-0", role="decode", index=0, argv=argv,
+                      env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                      ports=WorkerPorts(http=1))
+
+
+def _gone(pid: int, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_popen_launcher_starts_its_own_group_and_logs_privately(tmp_path: Path) -> None:
+    log = tmp_path / "decode-0.log"
+    proc = PopenLauncher().spawn(
+        _real_spec([sys.executable, "-c", "print('hello', flush=True); import time; "
+                    "time.sleep(30)"]), log)
+    try:
+        assert os.getpgid(proc.pid) == proc.pid
+        assert os.getpgid(proc.pid) != os.getpgrp()
+        assert (log.stat().st_mode & 0o777) == 0o600
+        deadline = time.monotonic() + 5
+        while "hello" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "hello" in log.read_text()
+        assert proc.poll() is None
+    finally:
+        proc.signal_group(signal.SIGKILL)
+    deadline = time.monotonic() + 3
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() == -signal.SIGKILL
+    proc.signal_group(signal.SIGTERM)  # a group that is gone is no error
+
+
+def test_real_stop_reaches_children_and_stubborn_leaders(tmp_path: Path) -> None:
+    """A leader that ignores SIGTERM, with a child in its group: both are gone after stop_all."""
+    script = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+              "c = subprocess.Popen(['sleep', '30']); print(c.pid, flush=True); time.sleep(30)")
+    sup = Supervisor(launcher=PopenLauncher(), prober=FakeProber(), clock=RealClock(),
+                     log_dir=tmp_path, settings=SupervisorSettings(stop_grace_s=0.5))
+    w = sup.add(_real_spec([sys.executable, "-c", script]))
+    leader = w.pid
+    assert leader is not None
+    deadline = time.monotonic() + 5
+    while not w.log_path.read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    child = int(w.log_path.read_text().split()[0])
+    t0 = time.monotonic()
+    asyncio.run(sup.stop_all())
+    assert 0.4 < time.monotonic() - t0 < 3
+    assert _gone(leader) and _gone(child)
+    assert w.state == "stopped"
+    subprocess.run(["true"])  # let Popen reap what it started
