@@ -1,0 +1,56 @@
+"""Desired against current replicas per role, pins, and the last decisions with reasons."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from textual.widgets import Static
+
+from pdbox.tui import format as fmt
+
+DECISIONS_SHOWN = 4
+
+
+def render_autoscaler(a: dict[str, Any]) -> Group:
+    enabled = a.get("enabled")
+    head = Text("autoscaler ")
+    head.append("on" if enabled else "off" if enabled is False else fmt.NA,
+                style="bold green" if enabled else "bold yellow")
+    roles = Table(box=None, padding=(0, 1), show_edge=False)
+    for name in ("role", "now", "want", "min", "max", "pinned"):
+        roles.add_column(name, style="bold" if name == "role" else None)
+    for role, r in (a.get("roles") or {}).items():
+        current, desired = r.get("current"), r.get("desired")
+        style = "yellow" if fmt.is_num(current) and fmt.is_num(desired) \
+            and current != desired else ""
+        pinned = r.get("pinned")
+        roles.add_row(role, fmt.integer(current), Text(fmt.integer(desired), style=style),
+                      fmt.integer(r.get("min")), fmt.integer(r.get("max")),
+                      "auto" if pinned is None else str(pinned))
+    decisions = Text()
+    for d in (a.get("decisions") or [])[-DECISIONS_SHOWN:]:
+        decisions.append(f"{fmt.clock(d.get('ts'))} ", style="dim")
+        decisions.append(f"{d.get('reason') or ''}\n")
+    if not decisions:
+        decisions.append("no decisions yet\n", style="dim")
+    decisions.rstrip()
+    return Group(head, roles, Text(""), Text("last decisions", style="bold"), decisions)
+
+
+class AutoscalerPanel(Static):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._last: Any = None
+
+    def on_mount(self) -> None:
+        self.border_title = "Autoscaler"
+
+    def apply(self, autoscaler: dict[str, Any] | None) -> None:
+        autoscaler = autoscaler or {}
+        if autoscaler == self._last:
+            return
+        self._last = autoscaler
+        self.update(render_autoscaler(autoscaler))

@@ -1,0 +1,108 @@
+"""Plain-text formatting of snapshot figures. No textual here, so it is tested alone.
+
+Every formatter takes a value that may be None (the snapshot's "unknown") and
+then answers "N/A"; widgets never branch on whether a figure exists.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+NA = "N/A"
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def is_num(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def num(value: Any, fmt: str = ".1f", unit: str = "") -> str:
+    return f"{value:{fmt}}{unit}" if is_num(value) else NA
+
+
+def integer(value: Any) -> str:
+    return str(int(value)) if is_num(value) else NA
+
+
+def pct(fraction: Any) -> str:
+    """A 0..1 fraction as a percentage."""
+    return f"{fraction * 100:.0f}%" if is_num(fraction) else NA
+
+
+def seconds(value: Any) -> str:
+    """Latency: milliseconds under one second, seconds above."""
+    if not is_num(value):
+        return NA
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def gib(value: Any) -> str:
+    return f"{value / 2**30:.1f}" if is_num(value) else NA
+
+
+def used_of(used: Any, total: Any) -> str:
+    if not is_num(used) and not is_num(total):
+        return NA
+    return f"{gib(used)}/{gib(total)} GiB"
+
+
+def duration(value: Any) -> str:
+    if not is_num(value):
+        return NA
+    s = int(value)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def clock(ts: Any) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts)) if is_num(ts) else "--:--:--"
+
+
+def bar(fraction: Any, width: int = 10) -> str:
+    """A horizontal bar; an unknown value is an empty bar of dots."""
+    if not is_num(fraction):
+        return "·" * width
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    return "█" * filled + "░" * (width - filled)
+
+
+def sparkline(values: Sequence[Any], width: int = 40) -> str:
+    """The last `width` values as block characters, scaled to their own max.
+
+    Unknown samples are blanks, so a gap in the data shows as a gap.
+    """
+    tail = list(values)[-width:]
+    known = [v for v in tail if is_num(v)]
+    if not known:
+        return NA
+    top = max(known)
+    out = []
+    for v in tail:
+        if not is_num(v):
+            out.append(" ")
+        elif top <= 0:
+            out.append(SPARK[0])
+        else:
+            out.append(SPARK[min(len(SPARK) - 1, int(v / top * (len(SPARK) - 1) + 0.5))])
+    return "".join(out)
+
+
+def worker_slice(w: dict[str, Any]) -> str:
+    """What share of the machine a worker has: its cores, or its SM % and memory cap."""
+    if isinstance(w.get("slice"), str) and w["slice"]:
+        return w["slice"]
+    if w.get("cores"):
+        return f"cores {w['cores']}"
+    parts = []
+    if is_num(w.get("sm_percent")):
+        parts.append(f"SM {w['sm_percent']:.0f}%")
+    if is_num(w.get("memory_fraction")):
+        parts.append(f"mem {w['memory_fraction'] * 100:.0f}%")
+    return " / ".join(parts) or NA
