@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 
 from pdbox.control_client import ControlClient, ControlError, sse_data
 
@@ -592,10 +593,12 @@ class UpProcess:
     """
 
     def __init__(self, profile: str | None, *, env: dict[str, str] | None = None,
-                 stop_grace_s: float = 120.0, echo: Callable[[str], None] | None = None):
+                 stop_grace_s: float = 120.0, settle_s: float = 10.0,
+                 echo: Callable[[str], None] | None = None):
         self.profile = profile
         self.env = env if env is not None else dict(os.environ)
         self.stop_grace_s = stop_grace_s
+        self.settle_s = settle_s
         self.echo = echo
         self.proc: subprocess.Popen[str] | None = None
         self.endpoint: str | None = None
@@ -663,33 +666,38 @@ class UpProcess:
         """The run folder's state (worker groups) as last read, for the SIGKILL path."""
         self._state = state
 
-    def stop(self) -> tuple[int | None, float, bool]:
-        """SIGTERM the group, wait, SIGKILL what is left. (exit code, seconds, had to kill)."""
-        from pdbox import runstate
-
+    def stop(self) -> StopResult:
+        """SIGTERM the group and wait; then SIGKILL whatever is left of it or of its workers."""
         if self.proc is None:
-            return None, 0.0, False
+            return StopResult(None, 0.0, [])
         state = self._read_state() or self._state
+        groups = {self.proc.pid} | {int(w["pgid"]) for w in state.get("workers", [])
+                                    if isinstance(w, dict) and w.get("pgid")}
         t0 = time.monotonic()
-        killed = False
-        pgid = self.proc.pid
-        _killpg(pgid, signal.SIGTERM)
+        forced = False
+        _killpg(self.proc.pid, signal.SIGTERM)
         try:
             code: int | None = self.proc.wait(timeout=self.stop_grace_s)
         except subprocess.TimeoutExpired:
-            killed = True
-            _killpg(pgid, signal.SIGKILL)
+            forced = True
+            _killpg(self.proc.pid, signal.SIGKILL)
             try:
                 code = self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 code = None
-        # Whatever is left of the group (children that outlived the leader).
-        if _group_alive(pgid):
-            killed = True
-            _killpg(pgid, signal.SIGKILL)
-        if runstate.end_leftovers(state, grace_s=5.0):
-            killed = True
-        return code, time.monotonic() - t0, killed
+        # pdbox SIGKILLs each worker group as it stops; give the last members a
+        # moment to go before calling them left behind.
+        deadline = time.monotonic() + (0.0 if forced else self.settle_s)
+        while live_members(groups) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = []
+        for p in live_members(groups):
+            try:
+                left.append(f"{p.name()} (pid {p.pid})")
+                p.kill()
+            except psutil.Error:
+                continue
+        return StopResult(code, time.monotonic() - t0, left, forced)
 
     def _read_state(self) -> dict[str, Any]:
         from pdbox import paths, runfolder
@@ -701,12 +709,30 @@ class UpProcess:
         return state if isinstance(state, dict) and state.get("pid") == self.pid else {}
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+@dataclass(frozen=True)
+class StopResult:
+    code: int | None  # pdbox's exit code; None if it never started or would not die
+    seconds: float
+    left: list[str]  # processes still alive after pdbox exited, now killed
+    forced: bool = False  # pdbox itself had to be SIGKILLed
+
+    @property
+    def clean(self) -> bool:
+        return self.code == 0 and not self.left and not self.forced
+
+
+def live_members(pgids: set[int]) -> list[psutil.Process]:
+    """Processes of these groups that still run (zombies only wait to be reaped)."""
+    out = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if os.getpgid(p.pid) in pgids:
+                out.append(p)
+        except (psutil.Error, OSError):
+            continue
+    return out
 
 
 def _killpg(pgid: int, sig: int) -> None:

@@ -132,17 +132,18 @@ def _with_up(profile: str | None, timeout_s: float, extra: dict[str, Any]) -> li
 
 
 def _stop(up: UpProcess, results: list[CheckResult], extra: dict[str, Any]) -> None:
-    code, took, killed = up.stop()
-    ok = code == 0 and not killed
-    if killed:
-        detail = f"had to be killed after {took:.1f} s (exit code {code})"
-    elif code is None:
+    r = up.stop()
+    if r.code is None and not r.forced:
         detail = "was never started"
+    elif r.forced:
+        detail = f"did not stop within {up.stop_grace_s:g} s of SIGTERM; killed"
     else:
-        detail = f"stopped in {took:.1f} s with exit code {code}"
-    results.append(CheckResult("down", ok, detail, took))
+        detail = f"stopped in {r.seconds:.1f} s with exit code {r.code}"
+    if r.left:
+        detail += "; killed what it left running: " + ", ".join(r.left)
+    results.append(CheckResult("down", r.clean, detail, r.seconds))
     if "pdbox" in extra:
-        extra["pdbox"].update({"exit_code": code, "killed": killed})
+        extra["pdbox"].update({"exit_code": r.code, "left": r.left, "forced": r.forced})
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -42,10 +42,15 @@ needs_stack = pytest.mark.skipif(
 
 
 def _processes_of(home: Path, pgid: int | None) -> list[psutil.Process]:
-    """Processes in the pdbox's group, or started with this PDBOX_HOME (its workers)."""
+    """Running processes in the pdbox's group, or started with this PDBOX_HOME (its workers).
+
+    Zombies are left out: they have exited and only wait for init to reap them.
+    """
     left = []
-    for p in psutil.process_iter(["pid"]):
+    for p in psutil.process_iter(["status"]):
         try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
             if pgid is not None and os.getpgid(p.pid) == pgid:
                 left.append(p)
                 continue

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -352,6 +354,51 @@ def test_up_process_reports_an_early_exit_and_leaves_nothing(tmp_path: Path) -> 
     up.start()
     with pytest.raises(sm.UpFailed, match="exited with code 2 before it was ready"):
         up.wait_ready(60)
-    code, _, killed = up.stop()
-    assert code == 2 and not killed
-    assert up.pid is not None and not sm._group_alive(up.pid)
+    r = up.stop()
+    assert (r.code, r.left, r.forced, r.clean) == (2, [], False, False)
+    assert up.pid is not None and not sm.live_members({up.pid})
+
+
+class ScriptUp(sm.UpProcess):
+    """An UpProcess whose 'pdbox' is a small script: the stop paths without workers."""
+
+    def __init__(self, script: str, **kw: Any) -> None:
+        super().__init__(None, **kw)
+        self.script = script
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-c", self.script]
+
+
+STUBBORN = ("import signal, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "print('http://127.0.0.1:1/v1', flush=True)\n"
+            "time.sleep(600)\n")
+
+
+def test_up_process_that_ignores_sigterm_is_killed() -> None:
+    up = ScriptUp(STUBBORN, stop_grace_s=1.0)
+    up.start()
+    assert up.wait_ready(30) == "http://127.0.0.1:1/v1"
+    r = up.stop()
+    assert r.forced and r.code == -9 and not r.clean
+    assert not sm.live_members({up.pid})
+
+
+def test_up_process_child_left_in_its_group_is_found_and_killed() -> None:
+    parent = ("import subprocess, sys, time\n"
+              f"subprocess.Popen([sys.executable, '-c', {STUBBORN!r}])\n"
+              "print('http://127.0.0.1:1/v1', flush=True)\n"
+              "time.sleep(600)\n")
+    up = ScriptUp(parent, stop_grace_s=10.0, settle_s=0.5)
+    up.start()
+    up.wait_ready(30)
+    time.sleep(0.5)  # the child sets its SIGTERM handler
+    r = up.stop()
+    assert r.code == -15 and not r.forced
+    assert len(r.left) == 1 and "python" in r.left[0]
+    assert not r.clean
+    deadline = time.monotonic() + 5
+    while sm.live_members({up.pid}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not sm.live_members({up.pid})
