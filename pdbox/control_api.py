@@ -61,8 +61,11 @@ def add_routes(app: web.Application, core: Core, token: str) -> None:
                     await resp.write(f"data: {_dumps(ev)}\n\n".encode())
                 except TimeoutError:
                     await resp.write(b": keep-alive\n\n")
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except ConnectionResetError:
+            pass  # the client went away between two events
+        # CancelledError (the client went away while we waited, or pdbox is
+        # stopping) is left to propagate: swallowing it would hide the cancel
+        # from whoever asked for it.
         finally:
             core.unsubscribe(q)
         return resp
