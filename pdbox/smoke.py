@@ -306,7 +306,7 @@ class Smoke:
             if status != 200:
                 raise CheckFailed(f"POST /v1/chat/completions answered {status}: "
                                   f"{_preview(str(data), 120)}")
-            usage = data.get("usage") or {} if isinstance(data, dict) else {}
+            usage = (data.get("usage") if isinstance(data, dict) else None) or {}
             details = usage.get("prompt_tokens_details") or {}
             cached = details.get("cached_tokens") if isinstance(details, dict) else None
             if not isinstance(cached, int):
@@ -651,9 +651,11 @@ class UpProcess:
                 continue
             if line is None:
                 assert self.proc is not None
-                code = self.proc.wait(timeout=30)
-                raise UpFailed(f"pdbox up exited with code {code} before it was ready"
-                               + self._last_words())
+                try:
+                    how = f"exited with code {self.proc.wait(timeout=30)}"
+                except subprocess.TimeoutExpired:
+                    how = "closed its output"
+                raise UpFailed(f"pdbox up {how} before it was ready" + self._last_words())
             if line.startswith(("http://", "https://")):
                 self.endpoint = line
                 return line

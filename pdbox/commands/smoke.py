@@ -97,29 +97,11 @@ def _with_up(profile: str | None, timeout_s: float, extra: dict[str, Any]) -> li
     results: list[CheckResult] = []
     # A SIGTERM to `pdbox smoke` must still stop the pdbox it started.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    t0 = time.monotonic()
     _say("starting: " + " ".join(up.argv()[1:]))
     try:
         up.start()
         extra["pdbox"] = {"pid": up.pid, "pgid": up.pid, "profile": profile}
-        try:
-            endpoint = up.wait_ready(timeout_s)
-        except UpFailed as exc:
-            results.append(CheckResult("up", False, str(exc), time.monotonic() - t0))
-            return results
-        ready_s = time.monotonic() - t0
-        try:
-            info = runfolder.read()
-        except runfolder.NotRunning as exc:
-            results.append(CheckResult("up", False, f"{endpoint} serves, but {exc}", ready_s))
-            return results
-        up.remember_state(info.state)
-        results.append(CheckResult("up", True, f"ready at {endpoint} in {ready_s:.1f} s",
-                                   ready_s))
-        extra["pdbox"]["endpoint"] = endpoint
-        control = ControlClient(info.control_url, info.token, endpoint=endpoint,
-                                timeout_s=CONTROL_TIMEOUT_S)
-        results += _run(endpoint, control, timeout_s)
+        results += _checks_on(up, timeout_s, extra)
     except KeyboardInterrupt:
         _say("interrupted; stopping the pdbox it started")
         _stop(up, results, extra)
@@ -129,6 +111,25 @@ def _with_up(profile: str | None, timeout_s: float, extra: dict[str, Any]) -> li
     _say("stopping pdbox")
     _stop(up, results, extra)
     return results
+
+
+def _checks_on(up: UpProcess, timeout_s: float, extra: dict[str, Any]) -> list[CheckResult]:
+    t0 = time.monotonic()
+    try:
+        endpoint = up.wait_ready(timeout_s)
+    except UpFailed as exc:
+        return [CheckResult("up", False, str(exc), time.monotonic() - t0)]
+    ready_s = time.monotonic() - t0
+    try:
+        info = runfolder.read()
+    except runfolder.NotRunning as exc:
+        return [CheckResult("up", False, f"{endpoint} serves, but {exc}", ready_s)]
+    up.remember_state(info.state)
+    extra["pdbox"]["endpoint"] = endpoint
+    control = ControlClient(info.control_url, info.token, endpoint=endpoint,
+                            timeout_s=CONTROL_TIMEOUT_S)
+    return [CheckResult("up", True, f"ready at {endpoint} in {ready_s:.1f} s", ready_s)] \
+        + _run(endpoint, control, timeout_s)
 
 
 def _stop(up: UpProcess, results: list[CheckResult], extra: dict[str, Any]) -> None:

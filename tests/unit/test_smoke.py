@@ -402,3 +402,42 @@ def test_up_process_child_left_in_its_group_is_found_and_killed() -> None:
     while sm.live_members({up.pid}) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not sm.live_members({up.pid})
+
+
+POLITE = ("import time\n"
+          "print('http://127.0.0.1:1/v1', flush=True)\n"
+          "time.sleep(600)\n")
+
+
+def test_command_up_reports_a_pdbox_without_run_folder_and_stops_it(monkeypatch,
+                                                                       tmp_path) -> None:
+    monkeypatch.setenv("PDBOX_HOME", str(tmp_path))
+    monkeypatch.setattr(sm.UpProcess, "argv", lambda self: [sys.executable, "-c", POLITE])
+    r = CliRunner().invoke(cmd.smoke, ["--up", "--json", "--timeout", "30"])
+    assert r.exit_code == 1, r.output
+    data = json.loads(r.stdout)
+    up, down = data["checks"]
+    assert up["name"] == "up" and not up["ok"] and "pdbox is not running" in up["detail"]
+    assert down["name"] == "down" and not down["ok"]  # killed by SIGTERM: exit code -15
+    assert not sm.live_members({data["pdbox"]["pgid"]})
+
+
+def test_command_up_interrupted_still_stops_the_pdbox(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("PDBOX_HOME", str(tmp_path))
+    monkeypatch.setattr(sm.UpProcess, "argv", lambda self: [sys.executable, "-c", POLITE])
+    started: list[sm.UpProcess] = []
+    real_start = sm.UpProcess.start
+
+    def start(self: sm.UpProcess) -> None:
+        started.append(self)
+        real_start(self)
+
+    def interrupted(timeout_s: float) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sm.UpProcess, "start", start)
+    monkeypatch.setattr(sm.UpProcess, "wait_ready", lambda self, t: interrupted(t))
+    r = CliRunner().invoke(cmd.smoke, ["--up"])
+    assert r.exit_code == 130
+    assert started and started[0].pid is not None
+    assert not sm.live_members({started[0].pid})
