@@ -84,7 +84,9 @@ def end_leftovers(state: dict[str, Any], grace_s: float = 5.0) -> int:
             continue
         try:
             leader = psutil.Process(int(pgid))
-            if created is not None and abs(leader.create_time() - float(created)) > 1.0:
+            # A live leader must prove it is the one we started; without a
+            # recorded start time it may be anyone's process by now.
+            if created is None or abs(leader.create_time() - float(created)) > 1.0:
                 continue  # the pid was reused by something else
         except psutil.NoSuchProcess:
             # The leader is gone, but its group may live on (engine-core children).
@@ -104,11 +106,29 @@ def end_leftovers(state: dict[str, Any], grace_s: float = 5.0) -> int:
 
 
 def _group_alive(pgid: int) -> bool:
+    """True while a process of the group runs. Zombies do not count: a group
+    whose members all died waits only for a reaper (which may never come
+    inside a container), not for us."""
     try:
         os.killpg(pgid, 0)
-        return True
     except (ProcessLookupError, PermissionError):
         return False
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True  # no /proc: trust the signal check
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # After the command: state, ppid, pgrp.
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
 
 
 def _killpg(pgid: int, sig: int) -> None:
