@@ -19,9 +19,10 @@ def render_autoscaler(a: dict[str, Any]) -> Group:
     head = Text("autoscaler ")
     head.append("on" if enabled else "off" if enabled is False else fmt.NA,
                 style="bold green" if enabled else "bold yellow")
-    roles = Table(box=None, padding=(0, 1), show_edge=False)
-    for name in ("role", "now", "want", "min", "max", "pinned"):
-        roles.add_column(name, style="bold" if name == "role" else None)
+    roles = Table(box=None, padding=(0, 1), show_edge=False, pad_edge=False)
+    roles.add_column("role", style="bold", no_wrap=True)
+    for name in ("now", "want", "min", "max", "pin"):
+        roles.add_column(name, justify="right", no_wrap=True)
     for role, r in (a.get("roles") or {}).items():
         current, desired = r.get("current"), r.get("desired")
         style = "yellow" if fmt.is_num(current) and fmt.is_num(desired) \

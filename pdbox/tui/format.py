@@ -74,7 +74,8 @@ def bar(fraction: Any, width: int = 10) -> str:
 
 
 def sparkline(values: Sequence[Any], width: int = 40) -> str:
-    """The last `width` values as block characters, scaled to their own max.
+    """The last `width` values as block characters, scaled between their own min and max
+    so that the shape of the load shows even when it varies by a few percent.
 
     Unknown samples are blanks, so a gap in the data shows as a gap.
     """
@@ -82,15 +83,15 @@ def sparkline(values: Sequence[Any], width: int = 40) -> str:
     known = [v for v in tail if is_num(v)]
     if not known:
         return NA
-    top = max(known)
+    lo, hi = min(known), max(known)
     out = []
     for v in tail:
         if not is_num(v):
             out.append(" ")
-        elif top <= 0:
-            out.append(SPARK[0])
+        elif hi == lo:
+            out.append(SPARK[0] if hi == 0 else SPARK[len(SPARK) // 2])
         else:
-            out.append(SPARK[min(len(SPARK) - 1, int(v / top * (len(SPARK) - 1) + 0.5))])
+            out.append(SPARK[round((v - lo) / (hi - lo) * (len(SPARK) - 1))])
     return "".join(out)
 
 

@@ -27,7 +27,7 @@ def cells(w: dict[str, Any]) -> tuple[Any, ...]:
     return (
         str(w.get("id", "?")),
         str(w.get("role") or fmt.NA),
-        Text(state, style=STATE_STYLE.get(state, "")),
+        Text(state, style=STATE_STYLE.get(state, ""), justify="left"),
         fmt.integer(w.get("pid")),
         fmt.integer(w.get("port")),
         fmt.worker_slice(w),
