@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 
 
@@ -10,18 +11,37 @@ class PortTaken(Exception):
 
 
 def check_free(host: str, port: int, what: str) -> None:
-    """Raise PortTaken if `port` cannot be bound on `host`."""
+    """Raise PortTaken if `port` cannot be bound on `host`.
+
+    A port in use, a host that is not an address of this machine and a port
+    that needs privileges each get their own sentence: "already in use" for
+    all three would send the user looking for a process that does not exist.
+    """
     if port == 0:
         return
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise PortTaken(f"cannot listen on {host} ({what}): {exc.strerror}; "
+                        "choose another address with --host") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As the server will: a port left in TIME_WAIT by a previous run is free.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((host, port))
-        except OSError:
-            raise PortTaken(
-                f"port {port} on {host} ({what}) is already in use; "
-                "stop what holds it or choose another with --port"
-            ) from None
+            s.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortTaken(
+                    f"port {port} on {host} ({what}) is already in use; "
+                    "stop what holds it or choose another with --port"
+                ) from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise PortTaken(f"cannot listen on {host} ({what}): it is not an address of "
+                                "this machine; choose another with --host") from None
+            raise PortTaken(f"cannot listen on port {port} on {host} ({what}): {exc.strerror}; "
+                            "choose another with --port") from None
 
 
 class PortAllocator:
