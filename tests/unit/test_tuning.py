@@ -410,3 +410,15 @@ def test_real_nixl_agent_gets_the_delay(delay: int | None) -> None:
     assert out["backends"] == ["UCX"]
     assert out["patched"] is (delay is not None)
     assert out["delays"] == [delay if delay is not None else 0]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity here")
+def test_sitecustomize_pins_the_worker_and_its_children() -> None:
+    core = min(os.sched_getaffinity(0))
+    code = ("import os, subprocess, sys; print(sorted(os.sched_getaffinity(0))); "
+            "print(subprocess.run([sys.executable, '-c', 'import os; "
+            "print(sorted(os.sched_getaffinity(0)))'], capture_output=True, text=True).stdout)")
+    proc = subprocess.run([PYTHON, "-c", code], env=_worker_env(Tuning(process_cores=(core,))),
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [f"[{core}]", f"[{core}]"]
