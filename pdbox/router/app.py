@@ -9,6 +9,7 @@ policy.py as pure code; this module is the I/O around it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -116,6 +117,7 @@ class Router:
         self.decisions: deque[Decision] = deque(maxlen=50)
         self.events = events
         self.session: aiohttp.ClientSession | None = None
+        self._upstream_timeout = aiohttp.ClientTimeout(total=r.request_timeout_s, sock_connect=5)
         self.accepting = True
         self.started = time.monotonic()
 
@@ -281,7 +283,8 @@ class Router:
             matched_tokens = int(min(len(tokens), matches.get(decode.id, 0) * self.block_size)
                                  / self.units)
             result = await self._run(request, body, kind, tokens, hashes, decode, matched_tokens,
-                                     request_id, pick.reason, t0, last_try=attempt >= 2)
+                                     request_id, pick.reason, t0,
+                                     last_try=attempt >= 2 or len(cands) == 1)
             if result is not None:
                 return result
             # Failed before the first byte: once more on another worker.
@@ -378,18 +381,18 @@ class Router:
                           ) -> web.StreamResponse | None:
         assert self.session is not None
         stream = bool(body.get("stream"))
-        timeout = aiohttp.ClientTimeout(total=self.profile.router.request_timeout_s,
-                                        sock_connect=5)
         try:
+            # Bytes: a str body costs aiohttp an extra payload wrapper per request.
             upstream = await self.session.post(
-                f"{decode.url}{path}", data=json.dumps(decode_body(body, kv_params)),
+                f"{decode.url}{path}", data=json.dumps(decode_body(body, kv_params)).encode(),
                 headers={"Content-Type": "application/json", "X-Request-Id": request_id},
-                timeout=timeout)
+                timeout=self._upstream_timeout)
         except (TimeoutError, aiohttp.ClientError) as exc:
             if not last_try:
                 return None
             self.metrics.requests.inc(outcome="error")
-            return oe.error_response(502, f"Worker {decode.id} failed: {exc}.", "upstream_error")
+            return oe.error_response(502, f"Worker {decode.id} failed: {exc}.", "upstream_error",
+                                     headers=headers)
         async with upstream:
             if upstream.status >= 500 and not last_try:
                 await upstream.read()
@@ -413,45 +416,77 @@ class Router:
                     self.metrics.e2e.observe(elapsed, time.monotonic())
                 return web.Response(body=data, status=upstream.status, headers=headers,
                                     content_type=upstream.content_type or "application/json")
-            resp = web.StreamResponse(status=200, headers=headers)
-            resp.content_type = "text/event-stream"
-            resp.headers["Cache-Control"] = "no-cache"
+            return await self._relay(request, upstream, decode, headers, decision, uncached, t0)
+
+    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                     decode: Backend, headers: dict[str, str], decision: Decision,
+                     uncached: int, t0: float) -> web.StreamResponse:
+        """Pass an SSE stream through chunk by chunk, timing TTFT and ITL on the way.
+
+        A failure reading the worker ends the stream with an error event (the
+        status line went out long ago); a failure writing to the client means
+        the client left, which is no worker's fault: the upstream request is
+        closed so the worker aborts it, and nothing more is sent.
+        """
+        resp = web.StreamResponse(status=200, headers=headers)
+        resp.content_type = "text/event-stream"
+        resp.headers["Cache-Control"] = "no-cache"
+        first: float | None = None
+        last = 0.0
+        chunks = 0
+        content = upstream.content
+        observe_local = decision.pd == "local" and decode.role == "decode"
+        try:
             await resp.prepare(request)
-            first: float | None = None
-            last = 0.0
-            chunks = 0
-            try:
-                async for chunk in upstream.content.iter_any():
-                    now = time.monotonic()
-                    n = chunk.count(b"data: ")
-                    if n and first is None:
+            while True:
+                try:
+                    chunk = await content.readany()
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    await self._stream_failed(resp, decode, exc)
+                    return resp
+                if not chunk:
+                    break
+                now = time.monotonic()
+                n = chunk.count(b"data: ")
+                if n:
+                    if first is None:
                         first = now
                         self.metrics.ttft.observe(now - t0, now)
-                        if decision.pd == "local" and decode.role == "decode":
+                        if observe_local:
                             self.decider.observe_local_prefill(decode.id, uncached, now - t0)
-                    elif n:
+                    else:
                         gap = now - last
                         self.metrics.itl.observe(gap, now)
                         self.decider.observe_itl(decode.id, gap)
-                    if n:
-                        last = now
-                        chunks += n
-                    await resp.write(chunk)
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                err = oe.error_body(502, f"Worker {decode.id} failed mid-stream: {exc}.",
-                                    "upstream_error")
-                self.metrics.requests.inc(outcome="error")
-                try:
-                    await resp.write(f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode())
-                    await resp.write_eof()
-                except (ConnectionResetError, aiohttp.ClientError):
-                    pass
-                return resp
-            self.metrics.output_chunks.inc(chunks)
-            self.metrics.e2e.observe(time.monotonic() - t0, time.monotonic())
-            self.metrics.requests.inc(outcome="ok")
+                    last = now
+                    chunks += n
+                await resp.write(chunk)
             await resp.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionError):
+            self._client_left(upstream)
             return resp
+        except asyncio.CancelledError:  # the client went away (handler cancellation)
+            self._client_left(upstream)
+            raise
+        self.metrics.output_chunks.inc(chunks)
+        self.metrics.e2e.observe(time.monotonic() - t0, time.monotonic())
+        self.metrics.requests.inc(outcome="ok")
+        return resp
+
+    def _client_left(self, upstream: aiohttp.ClientResponse) -> None:
+        upstream.close()  # drops the connection: vLLM aborts the request
+        self.metrics.requests.inc(outcome="client_closed")
+
+    async def _stream_failed(self, resp: web.StreamResponse, decode: Backend,
+                             exc: BaseException) -> None:
+        err = oe.error_body(502, f"Worker {decode.id} failed mid-stream: {exc}.",
+                            "upstream_error")
+        self.metrics.requests.inc(outcome="error")
+        try:
+            await resp.write(f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode())
+            await resp.write_eof()
+        except (ConnectionError, aiohttp.ClientError):
+            pass
 
     # -------------------------------------------------------------- status
 

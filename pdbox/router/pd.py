@@ -62,7 +62,7 @@ async def prefill_leg(
     try:
         async with session.post(
             f"{url}{path}",
-            data=json.dumps(prefill_body(body)),
+            data=json.dumps(prefill_body(body)).encode(),
             headers={"Content-Type": "application/json", "X-Request-Id": request_id},
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as resp:

@@ -1,0 +1,477 @@
+#!/usr/bin/env python3
+"""What pdbox's router adds to a request, against sglang-router, over mock workers.
+
+Starts BACKENDS mock vLLM servers (pdbox.devtools.mock_openai, streaming
+TOKENS tokens ITL ms apart), then for each target:
+
+- direct: the mocks themselves (the client spreads requests over them);
+- pdbox: `pdbox up --headless --attach URL ...` as a real process, with
+  PDBOX_HOME in a temporary folder and a profile without KV events;
+- sglang: `python -m sglang_router.launch_router --policy cache_aware`, run
+  by --sglang-python (skipped when not given or not importable there);
+
+measures, with one aiohttp client process:
+
+1. latency: LATENCY_REQUESTS streamed chat requests one at a time; TTFT and
+   end-to-end p50/p99; "added" is routed minus direct;
+2. throughput: REQUESTS requests at CONCURRENCY; requests/s, latency under
+   load, and the CPU seconds the router process (and its children) used.
+
+Prompts share a few long prefixes (system prompts) with a unique question
+each, so the routers tokenize, hash and match real-sized prompts.
+
+Goal: pdbox adds no more p50 latency than sglang-router and passes at
+least as many requests/s.
+
+    .venv/bin/python scripts/bench_router_overhead.py --sglang-python /path/to/venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL = "smollm2"
+
+PROFILE = """\
+# Attach-mode profile for the router-overhead benchmark: no KV events (no
+# workers publish them), admission wide enough not to cap the concurrency.
+name = "bench-router"
+description = "router overhead benchmark"
+
+[model]
+source = "embedded:smollm2-135m-instruct"
+served_name = "{model}"
+max_model_len = 4096
+block_size = 16
+
+[hardware]
+device = "cpu"
+sharing = "cores"
+
+[mode]
+kind = "aggregated"
+
+[aggregated]
+replicas = {backends}
+min = 1
+max = {backends}
+cores = {cores}
+kv_cache_gib = 1.0
+
+[router]
+policy = "{policy}"
+kv_events = false
+queue_bound = 1024
+max_inflight_per_worker = {max_inflight}
+
+[autoscaler]
+enabled = false
+"""
+
+
+@dataclass
+class Sample:
+    ttft: float
+    e2e: float
+
+
+@dataclass
+class Phase:
+    samples: list[Sample] = field(default_factory=list)
+    errors: int = 0
+    wall_s: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+    def pct(self, attr: str, q: float) -> float | None:
+        vals = sorted(getattr(s, attr) for s in self.samples)
+        if not vals:
+            return None
+        return vals[min(len(vals) - 1, max(0, int(round(q * len(vals))) - 1))]
+
+    def summary(self) -> dict[str, Any]:
+        n = len(self.samples)
+        return {
+            "requests": n, "errors": self.errors, "wall_s": round(self.wall_s, 3),
+            "rps": round(n / self.wall_s, 1) if self.wall_s else None,
+            "ttft_p50_ms": _ms(self.pct("ttft", 0.5)), "ttft_p99_ms": _ms(self.pct("ttft", 0.99)),
+            "e2e_p50_ms": _ms(self.pct("e2e", 0.5)), "e2e_p99_ms": _ms(self.pct("e2e", 0.99)),
+            "e2e_mean_ms": _ms(statistics.fmean(s.e2e for s in self.samples) if n else None),
+            "cpu_s": {k: round(v, 2) for k, v in self.cpu_s.items()},
+        }
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v * 1000, 2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ processes
+
+
+class Procs:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[Any]] = []
+
+    def start(self, cmd: list[str], env: dict[str, str] | None = None,
+              log: Path | None = None) -> subprocess.Popen[Any]:
+        err = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - kept for the child
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env,
+                             start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen[Any]) -> None:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            self.stop(p)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its live children (user + system)."""
+    try:
+        proc = psutil.Process(pid)
+        total = sum(proc.cpu_times()[:2])
+        for c in proc.children(recursive=True):
+            try:
+                total += sum(c.cpu_times()[:2])
+            except psutil.Error:
+                pass
+        return total
+    except psutil.Error:
+        return 0.0
+
+
+async def wait_http(url: str, timeout: float, proc: subprocess.Popen[Any] | None = None,
+                    body: dict[str, Any] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{url}: the process exited with {proc.returncode}")
+            try:
+                if body is None:
+                    async with s.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
+                        if r.status == 200:
+                            return
+                else:
+                    async with s.post(url, json=body, timeout=aiohttp.ClientTimeout(total=5)) as r:
+                        await r.read()
+                        if r.status == 200:
+                            return
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
+
+
+# -------------------------------------------------------------------- load
+
+
+def make_payloads(n: int, prefixes: int, prefix_chars: int) -> list[bytes]:
+    systems = [(f"System prompt {k}: you are assistant number {k}. " * 200)[:prefix_chars]
+               for k in range(prefixes)]
+    out = []
+    for i in range(n):
+        body = {"model": MODEL, "stream": True, "max_tokens": 64,
+                "messages": [{"role": "system", "content": systems[i % prefixes]},
+                             {"role": "user", "content": f"Question {i}: what is {i} squared?"}]}
+        out.append(json.dumps(body).encode())
+    return out
+
+
+async def one(session: aiohttp.ClientSession, url: str, payload: bytes) -> Sample | None:
+    t0 = time.perf_counter()
+    ttft = None
+    tail = b""
+    async with session.post(url, data=payload,
+                            headers={"Content-Type": "application/json"}) as r:
+        if r.status != 200:
+            await r.read()
+            return None
+        async for chunk in r.content.iter_any():
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            tail = (tail + chunk)[-32:]
+    if ttft is None or b"[DONE]" not in tail:
+        return None
+    return Sample(ttft, time.perf_counter() - t0)
+
+
+async def load(urls: list[str], payloads: list[bytes], concurrency: int,
+               watch: dict[str, int]) -> Phase:
+    phase = Phase()
+    conn = aiohttp.TCPConnector(limit=0, force_close=False)
+    async with aiohttp.ClientSession(connector=conn,
+                                     timeout=aiohttp.ClientTimeout(total=60)) as s:
+        nxt = 0
+
+        async def worker() -> None:
+            nonlocal nxt
+            while nxt < len(payloads):
+                i = nxt
+                nxt += 1
+                try:
+                    sample = await one(s, urls[i % len(urls)], payloads[i])
+                except (aiohttp.ClientError, TimeoutError):
+                    sample = None
+                if sample is None:
+                    phase.errors += 1
+                else:
+                    phase.samples.append(sample)
+
+        before = {k: cpu_seconds(pid) for k, pid in watch.items()}
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        phase.wall_s = time.perf_counter() - t0
+        phase.cpu_s = {k: cpu_seconds(pid) - before[k] for k, pid in watch.items()}
+    return phase
+
+
+async def measure(name: str, urls: list[str], args: argparse.Namespace,
+                  watch: dict[str, int]) -> dict[str, Any]:
+    payloads = make_payloads(max(args.requests, args.latency_requests) + args.warmup,
+                             args.prefixes, args.prefix_chars)
+    warm = await load(urls, payloads[: args.warmup], min(args.concurrency, 8), watch)
+    if warm.errors:
+        raise RuntimeError(f"{name}: {warm.errors} of {args.warmup} warm-up requests failed")
+    lat = await load(urls, payloads[args.warmup: args.warmup + args.latency_requests], 1, watch)
+    thr = await load(urls, payloads[args.warmup: args.warmup + args.requests], args.concurrency,
+                     watch)
+    res = {"latency": lat.summary(), "throughput": thr.summary()}
+    _progress(f"{name}: latency e2e p50 {res['latency']['e2e_p50_ms']} ms, "
+              f"throughput {res['throughput']['rps']} req/s, cpu {res['throughput']['cpu_s']}")
+    return res
+
+
+def _progress(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ targets
+
+
+async def start_mocks(procs: Procs, args: argparse.Namespace) -> list[tuple[str, int]]:
+    out = []
+    for _ in range(args.backends):
+        p = procs.start([sys.executable, "-m", "pdbox.devtools.mock_openai", "--port", "0",
+                         "--model", MODEL, "--tokens", str(args.tokens),
+                         "--itl-ms", str(args.itl_ms), "--uvloop"])
+        assert p.stdout is not None
+        url = p.stdout.readline().decode().strip()
+        if not url.startswith("http"):
+            raise RuntimeError("a mock server did not start")
+        out.append((url, p.pid))
+    for url, _ in out:
+        await wait_http(f"{url}/health", 10)
+    return out
+
+
+async def start_pdbox(procs: Procs, args: argparse.Namespace, mocks: list[str],
+                      tmp: Path) -> tuple[str, subprocess.Popen[Any]]:
+    prof = tmp / "bench-router.toml"
+    prof.write_text(PROFILE.format(model=MODEL, backends=len(mocks), policy=args.pdbox_policy,
+                                   max_inflight=args.max_inflight,
+                                   cores=json.dumps(["0"] * len(mocks))))
+    env = dict(os.environ, PDBOX_HOME=str(tmp / "pdbox-home"))
+    port = free_port()
+    exe = shutil.which("pdbox", path=str(Path(sys.executable).parent)) or "pdbox"
+    cmd = [exe]
+    if args.pdbox_uvloop:  # what running `pdbox up` on uvloop would give
+        cmd = [sys.executable, "-c", "import sys, uvloop; uvloop.install(); "
+               "from pdbox.cli import main; sys.argv[0] = 'pdbox'; main()"]
+    cmd += ["up", "--headless", "--profile", str(prof), "--port", str(port)]
+    for u in mocks:
+        cmd += ["--attach", u]
+    _progress("starting " + " ".join(cmd))
+    p = procs.start(cmd, env=env, log=tmp / "pdbox.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_http(f"{base}/health", 60, p)
+    except RuntimeError:
+        _progress("pdbox log:\n" + (tmp / "pdbox.log").read_text(errors="replace")[-2000:])
+        raise
+    return base, p
+
+
+async def start_sglang(procs: Procs, args: argparse.Namespace, mocks: list[str],
+                       tmp: Path) -> tuple[str, subprocess.Popen[Any]]:
+    port = free_port()
+    cmd = [args.sglang_python, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
+           "--port", str(port), "--worker-urls", *mocks, "--policy", "cache_aware",
+           "--log-level", "warn"]
+    _progress("starting " + " ".join(cmd))
+    p = procs.start(cmd, log=tmp / "sglang.log")
+    base = f"http://127.0.0.1:{port}"
+    probe = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    await wait_http(f"{base}/v1/chat/completions", 90, p, body=probe)
+    return base, p
+
+
+def sglang_usable(python: str | None) -> str | None:
+    """None if usable, else why not."""
+    if not python:
+        return "no --sglang-python given"
+    try:
+        subprocess.run([python, "-c", "import sglang_router"], check=True,
+                       capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return f"{python} cannot import sglang_router (pip install sglang-router there)"
+    return None
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    procs = Procs()
+    tmp = Path(tempfile.mkdtemp(prefix="pdbox-bench-"))
+    results: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "json"}}
+    try:
+        mocks = await start_mocks(procs, args)
+        urls = [u for u, _ in mocks]
+        mock_pids = {f"mock{i}": pid for i, (_, pid) in enumerate(mocks)}
+        me = {"client": os.getpid()}
+        path = "/v1/chat/completions"
+        results["direct"] = await measure("direct", [u + path for u in urls], args,
+                                          {**mock_pids, **me})
+        if not args.skip_pdbox:
+            base, p = await start_pdbox(procs, args, urls, tmp)
+            results["pdbox"] = await measure("pdbox", [base + path], args,
+                                             {"router": p.pid, **mock_pids, **me})
+            procs.stop(p)
+        why = sglang_usable(args.sglang_python)
+        if why is None:
+            base, p = await start_sglang(procs, args, urls, tmp)
+            results["sglang"] = await measure("sglang", [base + path], args,
+                                              {"router": p.pid, **mock_pids, **me})
+            procs.stop(p)
+        else:
+            results["sglang_skipped"] = why
+            _progress(f"sglang-router skipped: {why}")
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
+def added(results: dict[str, Any], name: str) -> dict[str, Any] | None:
+    if name not in results:
+        return None
+    d, r = results["direct"], results[name]
+    out: dict[str, Any] = {}
+    for phase in ("latency", "throughput"):
+        for k in ("ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms"):
+            a, b = r[phase][k], d[phase][k]
+            out[f"{phase}_{k}"] = None if a is None or b is None else round(a - b, 2)
+    rps, req = r["throughput"]["rps"], r["throughput"]["requests"]
+    cpu = r["throughput"]["cpu_s"].get("router")
+    out["router_cpu_ms_per_request"] = round(1000 * cpu / req, 3) if cpu and req else None
+    out["router_cores_used"] = round(cpu / r["throughput"]["wall_s"], 2) if cpu else None
+    out["rps"] = rps
+    return out
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = []
+    cfg = results["config"]
+    lines.append(f"{cfg['backends']} mock backends, {cfg['tokens']} tokens at {cfg['itl_ms']} ms "
+                 f"ITL; latency: {cfg['latency_requests']} sequential requests; throughput: "
+                 f"{cfg['requests']} requests at concurrency {cfg['concurrency']}")
+    hdr = (f"{'target':8} {'TTFT p50':>9} {'p99':>8} {'e2e p50':>9} {'p99':>8} | "
+           f"{'req/s':>7} {'e2e p50':>9} {'p99':>8} {'err':>4} {'router CPU':>11}")
+    lines += [hdr, "-" * len(hdr)]
+    for name in ("direct", "pdbox", "sglang"):
+        if name not in results:
+            continue
+        la, th = results[name]["latency"], results[name]["throughput"]
+        cpu = th["cpu_s"].get("router")
+        cpu_s = f"{cpu:.1f}s" if cpu is not None else "-"
+        lines.append(f"{name:8} {la['ttft_p50_ms']:>9} {la['ttft_p99_ms']:>8} "
+                     f"{la['e2e_p50_ms']:>9} {la['e2e_p99_ms']:>8} | {th['rps']:>7} "
+                     f"{th['e2e_p50_ms']:>9} {th['e2e_p99_ms']:>8} "
+                     f"{la['errors'] + th['errors']:>4} {cpu_s:>11}")
+    lines.append("(ms; left: one request at a time; right: under load)")
+    for name in ("pdbox", "sglang"):
+        a = added(results, name)
+        if a:
+            lines.append(
+                f"{name} adds: TTFT p50 {a['latency_ttft_p50_ms']} ms, p99 "
+                f"{a['latency_ttft_p99_ms']} ms; e2e p50 {a['latency_e2e_p50_ms']} ms, p99 "
+                f"{a['latency_e2e_p99_ms']} ms; under load e2e p50 "
+                f"{a['throughput_e2e_p50_ms']} ms; router CPU "
+                f"{a['router_cpu_ms_per_request']} ms/request ({a['router_cores_used']} cores)")
+    if "sglang_skipped" in results:
+        lines.append(f"sglang-router skipped: {results['sglang_skipped']}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backends", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--itl-ms", type=float, default=1.0)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=2000, help="throughput phase requests")
+    ap.add_argument("--latency-requests", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--prefixes", type=int, default=8, help="distinct system prompts")
+    ap.add_argument("--prefix-chars", type=int, default=2000)
+    ap.add_argument("--pdbox-policy", default="prefix")
+    ap.add_argument("--max-inflight", type=int, default=256,
+                    help="pdbox max_inflight_per_worker (sglang-router has no such cap)")
+    ap.add_argument("--sglang-python", default=None,
+                    help="a Python with sglang-router installed (pip install sglang-router)")
+    ap.add_argument("--skip-pdbox", action="store_true")
+    ap.add_argument("--pdbox-uvloop", action="store_true",
+                    help="run pdbox's event loop on uvloop")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = ap.parse_args()
+    try:
+        import uvloop
+
+        results = uvloop.run(main_async(args))
+    except ImportError:
+        results = asyncio.run(main_async(args))
+    results["added"] = {n: added(results, n) for n in ("pdbox", "sglang") if n in results}
+    print(render(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    a_p, a_s = results["added"].get("pdbox"), results["added"].get("sglang")
+    if a_p and a_s:
+        ok = (a_p["latency_e2e_p50_ms"] <= a_s["latency_e2e_p50_ms"] + 0.05
+              and a_p["rps"] >= a_s["rps"])
+        print("goal (p50 added ≤ sglang's, req/s ≥ sglang's): " + ("met" if ok else "NOT met"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
