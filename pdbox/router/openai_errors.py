@@ -73,6 +73,21 @@ def _int_field(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
     return v
 
 
+def _check_parts(parts: list[Any], i: int) -> None:
+    """Content parts are objects with a string `type`; a text part carries a string.
+
+    Caught here so that garbage never reaches a worker, whose answer to it
+    (a 4xx from vLLM, a 5xx from a less careful server) is not ours to vouch for.
+    """
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise BadRequest(400, f"messages[{i}].content[{j}] must be an object with a "
+                             "string 'type'.", param="messages")
+        if part["type"] == "text" and not isinstance(part.get("text"), str):
+            raise BadRequest(400, f"messages[{i}].content[{j}].text must be a string.",
+                             param="messages")
+
+
 def validate(body: dict[str, Any], kind: str, max_model_len: int) -> int | None:
     """Check the fields the router relies on; return the requested max tokens."""
     model = body.get("model")
@@ -91,6 +106,8 @@ def validate(body: dict[str, Any], kind: str, max_model_len: int) -> int | None:
             if c is not None and not isinstance(c, (str, list)):
                 raise BadRequest(400, f"messages[{i}].content must be a string or a list.",
                                  param="messages")
+            if isinstance(c, list):
+                _check_parts(c, i)
     else:
         p = body.get("prompt")
         ok = isinstance(p, str) or (
