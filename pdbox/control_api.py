@@ -32,7 +32,10 @@ class Core(Protocol):
 def add_routes(app: web.Application, core: Core, token: str) -> None:
     def authorized(request: web.Request) -> bool:
         got = request.headers.get("Authorization", "")
-        return hmac.compare_digest(got.encode(), f"Bearer {token}".encode())
+        # Header bytes that are not UTF-8 arrive surrogate-escaped; encode them
+        # back as they came instead of failing (a 500) on a hostile header.
+        return hmac.compare_digest(got.encode("utf-8", "surrogateescape"),
+                                   f"Bearer {token}".encode())
 
     def guard(handler: Any) -> Any:
         async def wrapped(request: web.Request) -> web.StreamResponse:
