@@ -105,8 +105,12 @@ async def _run_headless(profile, run_dir: Path, host, port, attached, api_key) -
         if start in done:
             start.result()
             click.echo(f"pdbox: ready. OpenAI endpoint: {app.endpoint}", err=True)
-            click.echo(app.endpoint, nl=True)
-            sys.stdout.flush()
+            try:
+                # The endpoint alone on stdout, for scripts.
+                sys.stdout.write(app.endpoint + "\n")
+                sys.stdout.flush()
+            except (BrokenPipeError, OSError):
+                pass
             await stop_wait
         else:
             start.cancel()
@@ -117,13 +121,13 @@ async def _run_headless(profile, run_dir: Path, host, port, attached, api_key) -
             _progress("interrupted while starting")
     except StartError as exc:
         click.echo(f"pdbox: {exc}", err=True)
-        await app.stop()
         return 1
     finally:
         stop_wait.cancel()
-    fatal = getattr(app, "fatal", None)
-    await app.stop()
+        # Whatever happened, nothing pdbox started may outlive it.
+        await app.stop()
     _progress("stopped")
+    fatal = getattr(app, "fatal", None)
     if fatal:
         click.echo(f"pdbox: {fatal}", err=True)
         return 1

@@ -8,17 +8,40 @@ the supervisor shows) instead of a silently untuned worker.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import runpy
+import signal
 import sys
 
 from pdbox.workers.tuning import ENV, Tuning, TuningError, check_versions
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 EXIT_TUNING = 78  # EX_CONFIG
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """SIGTERM this worker when the pdbox that started it dies, even by SIGKILL.
+
+    vLLM's API server answers SIGTERM by stopping its engine-core children, so
+    a crashed pdbox leaves no worker behind (the recorded process groups are a
+    second line of defence, for the next `pdbox up`).
+    """
+    parent = os.environ.get("PDBOX_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        raise SystemExit(0)
 
 
 def main(argv: list[str]) -> None:
+    die_with_parent()
     text = os.environ.get(ENV)
     if text:
         tuning = Tuning.from_env(text)

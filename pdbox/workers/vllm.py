@@ -148,6 +148,7 @@ def build(
         p for p in (str(SITE_DIR), str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p
     )
     env["PYTHONUNBUFFERED"] = "1"
+    env["PDBOX_PARENT_PID"] = str(os.getpid())
     env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     # Never log prompts or completions unless the user asks for it.
     env.setdefault("VLLM_DEBUG_LOG_API_SERVER_RESPONSE", "false")

@@ -103,6 +103,16 @@ def start_pdbox(tmp_path: Path, args: list[str], timeout: float = 900) -> Pdbox:
         start_new_session=True, cwd=REPO,
     )
     box = Pdbox(proc, home, stderr_path=err)
+    try:
+        return _wait_endpoint(box, timeout)
+    except BaseException:
+        # Never leave a pdbox (and its workers) behind when the wait fails.
+        stop_group(proc)
+        raise
+
+
+def _wait_endpoint(box: Pdbox, timeout: float) -> Pdbox:
+    proc = box.proc
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
@@ -122,7 +132,6 @@ def start_pdbox(tmp_path: Path, args: list[str], timeout: float = 900) -> Pdbox:
         if proc.poll() is not None:
             raise AssertionError(f"pdbox exited with {proc.returncode}:\n{box.stderr()[-3000:]}")
         time.sleep(0.5)
-    stop_group(proc)
     raise AssertionError(f"pdbox not ready in {timeout}s:\n{box.stderr()[-3000:]}")
 
 
