@@ -352,35 +352,59 @@ def sglang_usable(python: str | None) -> str | None:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    """Start everything once, then measure the targets in turn, ROUNDS times.
+
+    Interleaving rounds spreads the noise of a shared machine over all
+    targets alike; each figure reported is the median over the rounds.
+    """
     procs = Procs()
     tmp = Path(tempfile.mkdtemp(prefix="pdbox-bench-"))
     results: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "json"}}
     try:
         mocks = await start_mocks(procs, args)
         urls = [u for u, _ in mocks]
-        mock_pids = {f"mock{i}": pid for i, (_, pid) in enumerate(mocks)}
-        me = {"client": os.getpid()}
+        watch = {f"mock{i}": pid for i, (_, pid) in enumerate(mocks)}
+        watch["client"] = os.getpid()
         path = "/v1/chat/completions"
-        results["direct"] = await measure("direct", [u + path for u in urls], args,
-                                          {**mock_pids, **me})
+        targets: dict[str, tuple[list[str], dict[str, int]]] = {
+            "direct": ([u + path for u in urls], watch)}
         if not args.skip_pdbox:
             base, p = await start_pdbox(procs, args, urls, tmp)
-            results["pdbox"] = await measure("pdbox", [base + path], args,
-                                             {"router": p.pid, **mock_pids, **me})
-            procs.stop(p)
+            targets["pdbox"] = ([base + path], {"router": p.pid, **watch})
         why = sglang_usable(args.sglang_python)
         if why is None:
             base, p = await start_sglang(procs, args, urls, tmp)
-            results["sglang"] = await measure("sglang", [base + path], args,
-                                              {"router": p.pid, **mock_pids, **me})
-            procs.stop(p)
+            targets["sglang"] = ([base + path], {"router": p.pid, **watch})
         else:
             results["sglang_skipped"] = why
             _progress(f"sglang-router skipped: {why}")
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+        for i in range(args.rounds):
+            for name, (turls, twatch) in targets.items():
+                rounds[name].append(await measure(f"{name} (round {i + 1})", turls, args,
+                                                  twatch))
+        for name, runs in rounds.items():
+            results[name] = {phase: _median_summary([r[phase] for r in runs])
+                             for phase in ("latency", "throughput")}
+        results["rounds"] = rounds
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
     return results
+
+
+def _median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in runs[0].items():
+        if k == "cpu_s":
+            out[k] = {n: round(statistics.median(r[k][n] for r in runs), 2) for n in v}
+        elif k == "errors":
+            out[k] = sum(r[k] for r in runs)
+        elif isinstance(v, (int, float)):
+            out[k] = round(statistics.median(r[k] for r in runs if r[k] is not None), 2)
+        else:
+            out[k] = v
+    return out
 
 
 def added(results: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -403,7 +427,7 @@ def added(results: dict[str, Any], name: str) -> dict[str, Any] | None:
 def render(results: dict[str, Any]) -> str:
     lines = []
     cfg = results["config"]
-    lines.append(f"{cfg['backends']} mock backends, {cfg['tokens']} tokens at {cfg['itl_ms']} ms "
+    lines.append(f"medians of {cfg['rounds']} interleaved rounds; {cfg['backends']} mock backends, {cfg['tokens']} tokens at {cfg['itl_ms']} ms "
                  f"ITL; latency: {cfg['latency_requests']} sequential requests; throughput: "
                  f"{cfg['requests']} requests at concurrency {cfg['concurrency']}")
     hdr = (f"{'target':8} {'TTFT p50':>9} {'p99':>8} {'e2e p50':>9} {'p99':>8} | "
@@ -450,6 +474,8 @@ def main() -> int:
                     help="pdbox max_inflight_per_worker (sglang-router has no such cap)")
     ap.add_argument("--sglang-python", default=None,
                     help="a Python with sglang-router installed (pip install sglang-router)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="measure every target this many times, interleaved; report medians")
     ap.add_argument("--skip-pdbox", action="store_true")
     ap.add_argument("--pdbox-uvloop", action="store_true",
                     help="run pdbox's event loop on uvloop")
