@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 
 from pdbox.runfolder import STATE, TOKEN, new_token, pid_alive, write_private
+from pdbox.workers.supervisor import group_running
 
 
 class RunFolderError(Exception):
@@ -106,29 +107,9 @@ def end_leftovers(state: dict[str, Any], grace_s: float = 5.0) -> int:
 
 
 def _group_alive(pgid: int) -> bool:
-    """True while a process of the group runs. Zombies do not count: a group
-    whose members all died waits only for a reaper (which may never come
-    inside a container), not for us."""
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return True  # no /proc: trust the signal check
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        # After the command: state, ppid, pgrp.
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
-            return True
-    return False
+    # Zombies do not count: a group whose members all died waits only for a
+    # reaper (which may never come inside a container), not for us.
+    return group_running(pgid)
 
 
 def _killpg(pgid: int, sig: int) -> None:

@@ -31,17 +31,21 @@ def group_running(pgid: int) -> bool:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    for entry in os.listdir("/proc"):
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True  # no /proc: trust the signal check
+    for entry in entries:
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as f:
                 fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
+            # fields[0] is the state, fields[2] the process group.
+            if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+                return True
+        except (OSError, IndexError, ValueError):
             continue
-        # fields[0] is the state, fields[2] the process group.
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
     return False
 
 
@@ -70,6 +74,7 @@ class Proc(Protocol):
 
     def poll(self) -> int | None: ...
     def signal_group(self, sig: int) -> None: ...
+    def group_alive(self) -> bool: ...
 
 
 class Launcher(Protocol):
@@ -98,6 +103,10 @@ class PopenProc:
             os.killpg(self.popen.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
+    def group_alive(self) -> bool:
+        self.popen.poll()  # reap the leader, so it does not count as alive
+        return group_running(self.popen.pid)
 
 
 class PopenLauncher:
@@ -362,10 +371,16 @@ class Supervisor:
             if all(proc.poll() is not None for _, proc in live):
                 break
             await self.clock.sleep(0.1)
-        for w, proc in live:
+        for _, proc in live:
             # SIGKILL the whole group even when the leader is gone: the
             # engine-core children may still be alive in it.
             proc.signal_group(signal.SIGKILL)
+        # Return only once no process of those groups runs any more, so that
+        # "pdbox stopped" really means nothing of it is left.
+        deadline = self.clock.now() + 10.0
+        while self.clock.now() < deadline and any(proc.group_alive() for _, proc in live):
+            await self.clock.sleep(0.1)
+        for w, proc in live:
             if w.proc is proc:
                 w.proc = None
 

@@ -64,6 +64,8 @@ class FakeProc:
         self.code: int | None = None
         self.exit_at: float | None = None
         self.signals: list[int] = []
+        self.linger = 0.0
+        self.killed_at: float | None = None
 
     def poll(self) -> int | None:
         if self.code is None and self.exit_at is not None and self.clock.now() >= self.exit_at:
@@ -72,10 +74,18 @@ class FakeProc:
 
     def signal_group(self, sig: int) -> None:
         self.signals.append(sig)
+        if sig == signal.SIGKILL:
+            self.killed_at = self.clock.now()
         if sig == signal.SIGKILL and self.code is None:
             self.code = -signal.SIGKILL
         elif sig == signal.SIGTERM and self.term_delay is not None and self.exit_at is None:
             self.exit_at = self.clock.now() + self.term_delay
+
+    def group_alive(self) -> bool:
+        # `linger`: children of the group that outlive the leader for a while.
+        if self.poll() is None:
+            return True
+        return self.killed_at is not None and self.clock.now() < self.killed_at + self.linger
 
     def exit(self, code: int) -> None:
         self.code = code
@@ -375,6 +385,16 @@ def test_stop_all_does_not_wait_when_workers_exit(tmp_path: Path) -> None:
     # The group is killed even though its leader left: vLLM's children may remain.
     for _, p in r.launcher.procs:
         assert p.signals == [signal.SIGTERM, signal.SIGKILL]
+
+
+def test_stop_all_returns_once_the_whole_group_is_gone(tmp_path: Path) -> None:
+    r = Rig(tmp_path, stop_grace_s=10.0)
+    w = r.ready()
+    proc = r.launcher.last("decode-0")
+    proc.linger = 0.5
+    asyncio.run(r.sup.stop_all())
+    assert 0.5 <= r.clock.now() < 0.7
+    assert not proc.group_alive() and w.proc is None
 
 
 def test_stop_all_after_stop_all_and_a_worker_waiting_to_restart(rig: Rig) -> None:
