@@ -12,13 +12,16 @@ import importlib
 import importlib.metadata
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pdbox.workers import launch, tuning
@@ -333,6 +336,12 @@ def test_a_patch_that_no_longer_applies_fails_the_import(
 # -------------------------------------------------------------------- launcher
 
 
+@pytest.fixture(autouse=True)
+def _no_parent_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """launch.main() in this process must never arm PDEATHSIG on pytest itself."""
+    monkeypatch.delenv("PDBOX_PARENT_PID", raising=False)
+
+
 def test_launch_stops_with_78_on_a_version_mismatch(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -422,3 +431,50 @@ def test_sitecustomize_pins_the_worker_and_its_children() -> None:
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [f"[{core}]", f"[{core}]"]
+
+
+_MIDDLE = textwrap.dedent("""\
+    import os, subprocess, sys, time
+    env = dict(os.environ, PDBOX_PARENT_PID=str(os.getpid()))
+    child = subprocess.Popen([sys.executable, "-c",
+        "import time; from pdbox.workers.launch import die_with_parent; die_with_parent(); "
+        "print('armed', flush=True); time.sleep(30)"], env=env, stdout=subprocess.PIPE)
+    assert child.stdout.readline() == b"armed\\n"
+    print(child.pid, flush=True)
+    time.sleep(30)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PDEATHSIG is Linux only")
+def test_a_worker_dies_with_the_pdbox_that_started_it() -> None:
+    env = _worker_env(None)
+    middle = subprocess.Popen([PYTHON, "-c", _MIDDLE], env=env, stdout=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        assert middle.stdout is not None
+        worker = int(middle.stdout.readline())
+        middle.kill()  # pdbox killed with SIGKILL
+        middle.wait(timeout=5)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                if psutil.Process(worker).status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail("the worker outlived its pdbox")
+    finally:
+        try:
+            os.killpg(middle.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_worker_whose_pdbox_is_already_gone_exits() -> None:
+    env = {**_worker_env(None), "PDBOX_PARENT_PID": "1"}
+    proc = subprocess.run([PYTHON, "-c", "from pdbox.workers.launch import die_with_parent; "
+                           "die_with_parent(); print('still here')"],
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and "still here" not in proc.stdout

@@ -78,6 +78,8 @@ def test_cpu_argv_is_a_plain_list_running_the_launcher(cpu_tiny: config.Profile)
     assert "--gpu-memory-utilization" not in spec.argv
     assert spec.url == "http://127.0.0.1:9100"
     assert spec.id == "prefill-0"
+    # The worker ends itself when this process dies (see launch.die_with_parent).
+    assert spec.env["PDBOX_PARENT_PID"] == str(os.getpid())
 
 
 def test_cpu_kv_events_config_names_the_worker(cpu_tiny: config.Profile) -> None:
