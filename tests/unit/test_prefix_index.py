@@ -224,4 +224,4 @@ def test_char_block_fallback() -> None:
     a = ct.encode_chat([{"role": "system", "content": "x" * 600}, {"role": "user", "content": "a"}])
     b = ct.encode_chat([{"role": "system", "content": "x" * 600}, {"role": "user", "content": "b"}])
     assert block_hashes(a, 512)[0] == block_hashes(b, 512)[0]
-    assert ct.encode_prompt("ab") == [97, 98]
+    assert list(ct.encode_prompt("ab")) == [97, 98]
