@@ -124,5 +124,19 @@ def write_state(folder: Path, state: dict[str, Any]) -> None:
 
 
 def clear(folder: Path) -> None:
+    """Remove what marks a live pdbox; never fails (it runs on the way out of errors).
+
+    Only our own: a second `pdbox up` refused because one already runs must
+    not take that one's state and token away on its way out.
+    """
+    try:
+        owner = int(json.loads((folder / STATE).read_text()).get("pid", 0) or 0)
+    except (OSError, ValueError, AttributeError, TypeError):
+        owner = 0
+    if owner and owner != os.getpid() and pid_alive(owner):
+        return
     for name in (STATE, TOKEN):
-        (folder / name).unlink(missing_ok=True)
+        try:
+            (folder / name).unlink(missing_ok=True)
+        except OSError:
+            pass  # e.g. the folder could never be made: nothing of ours is there
