@@ -551,6 +551,9 @@ class Appliance:
             path = self.run_dir / "logs" / "pdbox.log"
         elif self.supervisor is not None and worker_id in self.supervisor.workers:
             return self.supervisor.workers[worker_id].log_tail(lines)
+        elif worker_id in self.registry.backends:
+            b = self.registry.backends[worker_id]
+            return [f"{worker_id} is attached ({b.url}); its log is wherever it was started."]
         else:
             return None
         try:
