@@ -625,6 +625,7 @@ class Appliance:
         assert self.router is not None
         t0 = time.monotonic()
         while True:
+            self.router.learn_transfers()
             snap = self.router.snapshot(window_s=10.0)
             self.history["t"].append(round(time.monotonic() - t0, 1))
             self.history["rps"].append(snap["rps"])

@@ -115,6 +115,7 @@ class Router:
                                    max_inflight=r.max_inflight_per_worker)
         self.metrics = RouterMetrics()
         self.decisions: deque[Decision] = deque(maxlen=50)
+        self._xfer_seen: dict[str, tuple[float, float]] = {}
         self.events = events
         self.session: aiohttp.ClientSession | None = None
         self._upstream_timeout = aiohttp.ClientTimeout(total=r.request_timeout_s, sock_connect=5)
@@ -489,6 +490,23 @@ class Router:
             pass
 
     # -------------------------------------------------------------- status
+
+    def learn_transfers(self) -> None:
+        """Feed the decider the mean NIXL pull time of transfers since the last call.
+
+        vLLM counts each KV pull on the decode worker in
+        vllm:nixl_xfer_time_seconds (sum and count); the difference since the
+        previous scrape is the mean of the transfers that just happened.
+        """
+        for b in self.registry.backends.values():
+            s = b.metrics.get("vllm:nixl_xfer_time_seconds_sum")
+            c = b.metrics.get("vllm:nixl_xfer_time_seconds_count")
+            if s is None or c is None:
+                continue
+            ps, pc = self._xfer_seen.get(b.id, (s, c))
+            self._xfer_seen[b.id] = (s, c)
+            if c > pc and s >= ps:
+                self.decider.observe_transfer((s - ps) / (c - pc))
 
     def snapshot(self, window_s: float = 60.0) -> dict[str, Any]:
         now = time.monotonic()
