@@ -101,12 +101,23 @@ def test_prepare_tightens_an_open_folder_and_renews_the_token(tmp_path: Path) ->
 
 def test_write_state_is_private_and_clear_removes_it(tmp_path: Path) -> None:
     prepare(tmp_path)
-    write_state(tmp_path, {"pid": 1, "workers": []})
+    mine = {"pid": os.getpid(), "workers": []}
+    write_state(tmp_path, mine)
     assert _mode(tmp_path / STATE) == 0o600
-    assert json.loads((tmp_path / STATE).read_text()) == {"pid": 1, "workers": []}
+    assert json.loads((tmp_path / STATE).read_text()) == mine
     clear(tmp_path)
     assert not (tmp_path / STATE).exists() and not (tmp_path / TOKEN).exists()
     clear(tmp_path)  # twice is fine
+
+
+def test_clear_leaves_another_live_pdbox_alone(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    other = _group(procs)
+    prepare(tmp_path)
+    write_state(tmp_path, {"pid": other.pid, "workers": []})
+    clear(tmp_path)
+    assert (tmp_path / STATE).exists() and (tmp_path / TOKEN).exists()
 
 
 # --------------------------------------------------------------- a live pdbox
