@@ -291,3 +291,14 @@ async def test_chat_pane_streams_from_the_endpoint() -> None:
     assert requests[0]["model"] == "smollm2"
     assert requests[0]["messages"] == [{"role": "user", "content": "hi"}]
     assert "Hello there" in transcript and "decode decode-0 · P/D local" in transcript
+
+
+def test_top_without_pdbox_says_so(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from pdbox.commands.top import top
+
+    monkeypatch.setenv("PDBOX_HOME", str(tmp_path))
+    result = CliRunner().invoke(top, [])
+    assert result.exit_code == 1
+    assert "pdbox is not running (start it with: pdbox up)" in result.output

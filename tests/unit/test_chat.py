@@ -251,3 +251,15 @@ def test_normalize_and_load_errors(tmp_path: Path) -> None:
         Conversation.load(bad)
     with pytest.raises(ChatError, match="cannot read"):
         Conversation.load(tmp_path / "missing.json")
+
+
+def test_clients_do_not_import_textual() -> None:
+    """`pdbox chat` and the control client stay fast to start: no TUI behind them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pdbox.chat, pdbox.control_client, pdbox.commands.chat, pdbox.tui.format\n"
+            "print('textual' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
