@@ -405,20 +405,30 @@ _REAL_NIXL = textwrap.dedent("""\
 """)
 
 
-@pytest.mark.parametrize("delay", [750, None])
-def test_real_nixl_agent_gets_the_delay(delay: int | None) -> None:
-    """sitecustomize on PYTHONPATH patches the real nixl; without tuning it stays at 0."""
+def test_real_nixl_agent_gets_the_delay() -> None:
+    """sitecustomize on PYTHONPATH patches the real nixl (whose own default is 0)."""
     if importlib.util.find_spec("nixl") is None:
         pytest.skip("nixl is not installed")
-    t = Tuning(nixl_delay_us=delay) if delay is not None else None
-    proc = subprocess.run([PYTHON, "-c", _REAL_NIXL], env=_worker_env(t),
+    proc = subprocess.run([PYTHON, "-c", _REAL_NIXL], env=_worker_env(Tuning(nixl_delay_us=750)),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["module"] in tuning.NIXL_API_MODULES
     assert out["backends"] == ["UCX"]
-    assert out["patched"] is (delay is not None)
-    assert out["delays"] == [delay if delay is not None else 0]
+    assert out["patched"] is True
+    assert out["delays"] == [750]
+
+
+def test_sitecustomize_without_tuning_does_nothing() -> None:
+    code = ("import sys; print(any(type(f).__name__ == '_PostImportFinder' for f in sys.meta_path),"
+            " 'pdbox.workers.tuning' in sys.modules)")
+    proc = subprocess.run([PYTHON, "-c", code], env=_worker_env(None),
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False"]
+    tuned = subprocess.run([PYTHON, "-c", code], env=_worker_env(Tuning(nixl_delay_us=1)),
+                           capture_output=True, text=True, timeout=30)
+    assert tuned.stdout.split() == ["True", "True"]
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity here")
