@@ -291,7 +291,9 @@ def main() -> None:
                 pair = PdboxPair(tmp, f"legs-{v}", over)
             start_s = time.monotonic() - t
             try:
+                load_before = os.getloadavg()[0]
                 res = measure_pair(pair, args, tmp)
+                res["loadavg_1m"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
             finally:
                 pair.stop()
             res["start_s"] = round(start_s, 1)

@@ -167,7 +167,9 @@ def run_regime(tmp: Path, regime: str, args: argparse.Namespace) -> dict[str, An
         out["blocks_per_worker"] = args.pressure_blocks
     try:
         for k, policy in enumerate(args.policies.split(",")):
+            load_before = os.getloadavg()[0]
             res = asyncio.run(run_policy(box, policy, args, groups, args.seed + 100 * k))
+            res["loadavg_1m"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
             out[policy] = res
             print(f"{regime:8s} {policy:12s} follow-up TTFT p50 {res['followup_ttft_p50_s']} s "
                   f"p90 {res['followup_ttft_p90_s']} s, cached {res['followup_cached_share']}, "
