@@ -7,6 +7,7 @@ client of the control API like `pdbox top`; it never reaches in here.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
 import signal
 import time
@@ -268,7 +269,8 @@ class Appliance:
     @web.middleware
     async def _api_key_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if self.api_key and request.path.startswith("/v1/"):
-            if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+            got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(got, f"Bearer {self.api_key}".encode()):
                 return error_response(401, "Invalid or missing API key.", "authentication_error")
         return await handler(request)
 
@@ -311,6 +313,7 @@ class Appliance:
         settings = SupervisorSettings(
             start_timeout_s=p.engine.start_timeout_s,
             max_start_failures=p.engine.max_start_failures,
+            health_timeout_s=p.engine.health_timeout_s,
             sequential_start=cuda,
         )
         self.supervisor = Supervisor(

@@ -163,6 +163,8 @@ class EngineConfig:
     enforce_eager: bool = False
     start_timeout_s: float = 600.0
     max_start_failures: int = 3
+    # A ready worker whose /health fails this long is taken for hung and restarted.
+    health_timeout_s: float = 15.0
 
 
 @dataclass(frozen=True)

@@ -426,7 +426,8 @@ def _prompt_text(body: dict[str, Any], chat: bool) -> str:
                 if isinstance(content, str):
                     parts.append(content)
                 elif isinstance(content, list):
-                    parts += [p.get("text", "") for p in content if isinstance(p, dict)]
+                    parts += [p["text"] for p in content
+                              if isinstance(p, dict) and isinstance(p.get("text"), str)]
         return "\n".join(parts)
     p = body.get("prompt")
     if isinstance(p, str):

@@ -122,6 +122,11 @@ def book_shared(profile: Profile, led: Ledger) -> None:
         "startupProbe failureThreshold x periodSeconds (10 s)",
         _startup_failures(profile),
     )
+    led.map(
+        "engine.health_timeout_s",
+        "livenessProbe failureThreshold x periodSeconds (10 s)",
+        _liveness_failures(profile),
+    )
     led.warn(
         "engine.max_start_failures",
         f"pdbox gives up after {e.max_start_failures} failed starts; Kubernetes restarts "
@@ -330,7 +335,7 @@ def deployment(
             "httpGet": {"path": "/health", "port": vllm_port},
             "periodSeconds": 10,
             "timeoutSeconds": 5,
-            "failureThreshold": 3,
+            "failureThreshold": _liveness_failures(profile),
         },
         "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}],
     }
@@ -387,6 +392,10 @@ def routing_sidecar() -> dict[str, Any]:
 
 def _startup_failures(profile: Profile) -> int:
     return max(1, math.ceil(profile.engine.start_timeout_s / 10))
+
+
+def _liveness_failures(profile: Profile) -> int:
+    return max(1, math.ceil(profile.engine.health_timeout_s / 10))
 
 
 def _gib(x: float) -> str:

@@ -112,7 +112,9 @@ class Admission:
         ticket = Ticket(priority, est_tokens, now)
         if self._inflight < self.max_inflight and not self._heap:
             return self._admit(ticket, now)
-        if self.queued >= self.queue_bound:
+        if self.queued >= self.queue_bound and not (
+            priority == "interactive" and self._turn_away_batch()
+        ):
             self.rejected += 1
             raise QueueFull(self.retry_after_s(), self.queued)
         fut: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
@@ -164,6 +166,23 @@ class Admission:
         self._inflight += 1
         self.admitted += 1
         return ticket
+
+    def _turn_away_batch(self) -> bool:
+        """Make room for an interactive request by answering the newest batch waiter 429.
+
+        Without this, batch traffic that fills the queue would lock interactive
+        requests out entirely; batch clients are the ones built to retry.
+        """
+        newest: _Waiter | None = None
+        for w in self._heap:
+            if w.ticket.priority == "batch" and not w.future.done():
+                if newest is None or w.seq > newest.seq:
+                    newest = w
+        if newest is None:
+            return False
+        self.rejected += 1
+        newest.future.set_exception(QueueFull(self.retry_after_s(), self.queued))
+        return True
 
     def _compact(self) -> None:
         # Cancelled waiters deep in the heap are skipped lazily; keep them from piling up.

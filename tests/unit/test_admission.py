@@ -141,3 +141,31 @@ def test_retry_after_grows_with_hold_time() -> None:
 def test_bad_priority() -> None:
     with pytest.raises(ValueError):
         run(Admission(1, 1).acquire("urgent"))
+
+
+def test_interactive_at_a_full_queue_turns_away_the_newest_batch_waiter() -> None:
+    async def go() -> None:
+        adm = Admission(queue_bound=2, max_inflight=1)
+        held = await adm.acquire()
+        old_batch = asyncio.create_task(adm.acquire("batch"))
+        new_batch = asyncio.create_task(adm.acquire("batch"))
+        await asyncio.sleep(0)
+        assert adm.queued == 2
+        first = asyncio.create_task(adm.acquire("interactive"))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert new_batch.done() and isinstance(new_batch.exception(), QueueFull)
+        assert not old_batch.done() and adm.queued == 2
+        second = asyncio.create_task(adm.acquire("interactive"))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert old_batch.done() and isinstance(old_batch.exception(), QueueFull)
+        # With no batch waiter left, a full queue turns the next one away.
+        with pytest.raises(QueueFull):
+            await adm.acquire("interactive")
+        assert adm.rejected == 3
+        adm.release(held)
+        adm.release(await first)
+        adm.release(await second)
+
+    run(go())
