@@ -141,6 +141,7 @@ class Worker:
     started_at: float = 0.0
     next_start_at: float = 0.0
     unhealthy_since: float | None = None
+    last_probe: float = float("-inf")
     exit_code: int | None = None
     generation: int = 0
 
@@ -177,6 +178,7 @@ class SupervisorSettings:
     stop_grace_s: float = 10.0
     # A ready worker whose /health fails for this long is restarted (a hang).
     health_timeout_s: float = 15.0
+    health_interval_s: float = 2.0
     tick_s: float = 0.5
     sequential_start: bool = False  # GPUs: one engine after another
 
@@ -274,6 +276,11 @@ class Supervisor:
                     proc.signal_group(signal.SIGKILL)
                     self._exited(w, -9, now, reason="did not become ready in time")
             elif w.state in ("ready", "draining"):
+                # Probing a ready worker costs its API server CPU on the worker's
+                # own core; every couple of seconds is plenty to catch a hang.
+                if now - w.last_probe < self.settings.health_interval_s:
+                    continue
+                w.last_probe = now
                 healthy = await self.prober.healthy(w.spec)
                 if not self._current(w, proc):
                     continue

@@ -337,6 +337,9 @@ def test_a_hang_triggers_sigkill_and_restart(rig: Rig) -> None:
     rig.tick()
     assert w.state == "ready" and proc.signals == []
     rig.clock.advance(0.1)
+    rig.tick()  # within the probe interval: not probed again yet
+    assert proc.signals == []
+    rig.clock.advance(rig.sup.settings.health_interval_s)
     rig.tick()
     assert proc.signals == [signal.SIGKILL]
     assert w.state == "restarting" and w.restarts == 1 and w.start_failures == 0
