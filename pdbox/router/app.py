@@ -333,12 +333,16 @@ class Router:
             reason = dec.reason
             pd = "remote" if dec.remote else "local"
             if dec.remote and prefill is not None:
+                # Requests already on the prefill worker: the leg's wall time
+                # includes waiting for them, which decide() counts separately.
+                ahead = prefill.waiting + prefill.running + prefill.inflight
                 prefill.inflight += 1
                 tp = time.monotonic()
                 try:
                     kv_params = await prefill_leg(self.session, prefill.url, path, body, request_id,
                                                   self.profile.router.prefill_timeout_s)
-                    self.decider.observe_prefill(prefill.id, uncached, time.monotonic() - tp)
+                    self.decider.observe_prefill(prefill.id, uncached,
+                                                 (time.monotonic() - tp) / (1 + ahead))
                     self.metrics.routed.inc(worker=prefill.id, leg="prefill")
                     self.approx.record(prefill.id, hashes)
                 except PrefillFailed as exc:

@@ -280,7 +280,17 @@ class PDDecider:
             self._ewma(self._prefill_tps, worker_id).add(tokens / seconds)
 
     def observe_local_prefill(self, worker_id: str, tokens: int, seconds: float) -> None:
-        if tokens > 0 and seconds > 0:
+        """Learn the decode worker's own prefill speed from a local request's TTFT.
+
+        Only prompts past the P/D gate count: a short prompt's TTFT is the wait
+        for the decode step in progress, not prefill, and would teach a speed
+        several times too low. One decode step is taken off for the same reason.
+        """
+        if tokens < max(1, self.min_uncached_tokens):
+            return
+        itl = self._itl.get(worker_id)
+        seconds -= itl.get(0.0) if itl is not None else 0.0
+        if seconds > 0:
             self._ewma(self._local_tps, worker_id).add(tokens / seconds)
 
     def observe_transfer(self, seconds: float) -> None:

@@ -172,3 +172,14 @@ def test_adaptive_learns_with_ewma() -> None:
 def test_unknown_decider_mode() -> None:
     with pytest.raises(ValueError):
         PDDecider(mode="always")
+
+
+def test_local_prefill_speed_learnt_only_from_prompts_past_the_gate() -> None:
+    d = PDDecider(mode="adaptive", min_uncached_tokens=256)
+    d.observe_itl("decode-0", 0.05)
+    # A short prompt's TTFT is the wait for the decode step in progress: ignored.
+    d.observe_local_prefill("decode-0", 20, 0.2)
+    assert d.estimates()["local_prefill_tps"] == {}
+    # A long one counts, less one decode step: 500 tokens in 1.05 s - 0.05 s.
+    d.observe_local_prefill("decode-0", 500, 1.05)
+    assert abs(d.estimates()["local_prefill_tps"]["decode-0"] - 500.0) < 1e-6
