@@ -134,6 +134,10 @@ class Appliance:
         self.control_url = ""
         self._runner: web.AppRunner | None = None
         self._next_index: dict[str, int] = {}
+        # The profile new workers start with: the file's, unless a re-split
+        # moved cores or SM share between the roles since.
+        self.live_profile = profile
+        self._resplitting = False
 
     # ---------------------------------------------------------------- events
 
@@ -345,13 +349,13 @@ class Appliance:
         if self.mps is not None:
             from pdbox.hardware.mps import client_env, mem_limit_for
 
-            rc = self.profile.role(role)
+            rc = self.live_profile.role(role)
             total = self._gpu_total_bytes()
             limit = mem_limit_for(rc.memory_fraction, total, self.profile.hardware.gpu_index) \
                 if total else None
             mps_env = client_env(self.mps.env(), rc.sm_percent, limit,
                                  self.profile.hardware.gpu_index)
-        spec = vllm_spec.build(self.profile, role, index, ports, self.model_path,
+        spec = vllm_spec.build(self.live_profile, role, index, ports, self.model_path,
                                online_cores=getattr(self, "online", None), mps_env=mps_env)
         w = self.supervisor.add(spec)
         self._start_kv_events(w)
@@ -499,8 +503,66 @@ class Appliance:
                 for d in self.autoscaler.step(time.monotonic(), metrics, budget):
                     self.event("scale", d.reason)
                     await self.set_replicas(d.role, d.to, d.reason)
+                self._maybe_resplit()
             except Exception as exc:  # noqa: BLE001 - the controller must never take pdbox down
                 self.event("error", f"autoscaler step failed: {exc!r}")
+
+    def _maybe_resplit(self) -> None:
+        """Move a core (CPU) or SM share (MPS) between roles when their loads diverge."""
+        from pdbox import resplit
+        from pdbox.autoscaler import propose_split
+
+        p = self.profile
+        if not (p.autoscaler.resplit and p.is_pd) or self._resplitting or self._drains:
+            return
+        load = {r: 0.0 for r in ("prefill", "decode")}
+        for b in self.registry.backends.values():
+            if b.role in load:
+                load[b.role] += b.waiting + b.running + b.inflight
+        pre, dec = resplit.demands(load["prefill"], load["decode"])
+        old = resplit.current_split(self.live_profile)
+        new = propose_split(self.live_profile, pre, dec, old)
+        if new is None:
+            return
+        self._resplitting = True
+        self.event("scale", f"re-split: {resplit.describe(old, new)} "
+                   f"(load prefill {load['prefill']:.0f}, decode {load['decode']:.0f})")
+        previous = self.live_profile
+        self.live_profile = resplit.apply_split(self.live_profile, new)
+        self._tasks.append(asyncio.create_task(
+            self._rolling_restart(("prefill", "decode"), previous)))
+
+    async def _rolling_restart(self, roles: tuple[str, ...], previous: Profile) -> None:
+        """Replace each role's workers with ones on the new split, one role at a time.
+
+        Each replacement starts (on the new cores or SM share) before the worker
+        it replaces is drained, so no role ever has zero workers.
+        """
+        assert self.supervisor is not None
+        try:
+            for role in roles:
+                old = self.role_workers(role)
+                new = [self._add_worker(role) for _ in old]
+                deadline = time.monotonic() + self.profile.engine.start_timeout_s
+                while time.monotonic() < deadline and not all(
+                        w.state == "ready" for w in new):
+                    if any(w.state == "failed" for w in new):
+                        break
+                    await asyncio.sleep(1.0)
+                if not all(w.state == "ready" for w in new):
+                    self.event("error", f"re-split: new {role} workers did not become ready; "
+                               "keeping the old ones")
+                    self.live_profile = previous
+                    for w in new:
+                        self._drain(w)
+                    return
+                for w in old:
+                    self._drain(w)
+                while any(w.id in self._drains for w in old):
+                    await asyncio.sleep(0.5)
+            self.event("scale", "re-split done")
+        finally:
+            self._resplitting = False
 
     def _role_metrics(self, period: float) -> dict[str, RoleMetrics]:
         assert self.router is not None
