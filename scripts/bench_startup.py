@@ -53,7 +53,7 @@ def bare(model: str, log: Path) -> float:
     alloc = PortAllocator()
     spec = vllm_spec.build(p, "decode", 0, vllm_spec.WorkerPorts(alloc.take(), alloc.take(), 0),
                            model, online_cores=[0, 1])
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *spec.argv[4:]]
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *spec.argv[3:]]
     env = {k: v for k, v in spec.env.items() if k != "PDBOX_WORKER_TUNING"}
     env["PYTHONPATH"] = str(REPO)
     t0 = time.monotonic()
