@@ -473,6 +473,12 @@ def validate(p: Profile, ld: _Loader | None = None) -> None:
                     raise fail(f"{k}.cores", f'{cs!r} is not a core list like "0" or "0-3,6"')
             if rc.kv_cache_gib <= 0 or rc.kv_cache_gib > 512:
                 raise fail(f"{k}.kv_cache_gib", "must be above 0 and at most 512")
+            if not float(rc.kv_cache_gib).is_integer():
+                # vLLM reads VLLM_CPU_KVCACHE_SPACE as an integer; a smaller cache
+                # is set in blocks with engine.extra_args = ["--num-gpu-blocks-override=N"].
+                raise fail(f"{k}.kv_cache_gib", "must be a whole number of GiB on a CPU "
+                           "(for a smaller cache use --num-gpu-blocks-override in "
+                           "engine.extra_args)")
         else:
             if not 1 <= rc.sm_percent <= 100:
                 raise fail(f"{k}.sm_percent", f"({rc.sm_percent}) must lie within 1..100")

@@ -16,6 +16,15 @@ Who goes next is the waiter with the smallest *virtual start*:
   (`max_cost_s`), so a long request is overtaken only by requests arriving
   within that window, never indefinitely.
 
+Two rules keep interactive requests within their TTFT target under overload:
+
+- batch requests may hold at most `batch_share` of the in-flight slots, so an
+  interactive request finds a free slot soon even when batch traffic floods;
+- an interactive request whose expected wait already exceeds `interactive_wait_s`
+  (the profile's TTFT target) is refused at once (429) instead of queued to
+  miss it, and an interactive request at a full queue turns away the newest
+  batch waiter.
+
 The clock is injected, so tests drive arrival times without sleeping.
 """
 
@@ -74,6 +83,8 @@ class Admission:
         cost_s_per_token: float = 5e-5,
         max_cost_s: float = 2.0,
         prior_hold_s: float = 2.0,
+        batch_share: float = 0.5,
+        interactive_wait_s: float | None = None,
     ):
         if queue_bound < 0 or max_inflight < 1:
             raise ValueError("queue_bound must be ≥ 0 and max_inflight ≥ 1")
@@ -86,6 +97,9 @@ class Admission:
         self._heap: list[_Waiter] = []
         self._seq = itertools.count()
         self._inflight = 0
+        self._inflight_batch = 0
+        self.batch_share = batch_share
+        self.interactive_wait_s = interactive_wait_s
         self._hold_s = prior_hold_s  # EWMA of how long a ticket is held
         self.rejected = 0
         self.admitted = 0
@@ -110,8 +124,13 @@ class Admission:
             raise ValueError(f"unknown priority {priority!r}; use interactive or batch")
         now = self.clock()
         ticket = Ticket(priority, est_tokens, now)
-        if self._inflight < self.max_inflight and not self._heap:
+        if self._inflight < self.max_inflight and not self._heap and self._may_start(priority):
             return self._admit(ticket, now)
+        if priority == "interactive" and self.interactive_wait_s is not None:
+            expected = self.expected_wait_s(priority)
+            if expected > self.interactive_wait_s:
+                self.rejected += 1
+                raise QueueFull(max(1.0, expected), self.queued)
         if self.queued >= self.queue_bound and not (
             priority == "interactive" and self._turn_away_batch()
         ):
@@ -140,6 +159,8 @@ class Admission:
             return
         ticket.released = True
         self._inflight -= 1
+        if ticket.priority == "batch":
+            self._inflight_batch -= 1
         held = max(0.0, self.clock() - ticket.admitted)
         self._hold_s += 0.2 * (held - self._hold_s)
         self._dispatch()
@@ -152,6 +173,7 @@ class Admission:
     def snapshot(self) -> dict[str, float | int]:
         return {
             "inflight": self._inflight,
+            "inflight_batch": self._inflight_batch,
             "queued": self.queued,
             "queue_bound": self.queue_bound,
             "admitted": self.admitted,
@@ -164,6 +186,8 @@ class Admission:
     def _admit(self, ticket: Ticket, now: float | None = None) -> Ticket:
         ticket.admitted = self.clock() if now is None else now
         self._inflight += 1
+        if ticket.priority == "batch":
+            self._inflight_batch += 1
         self.admitted += 1
         return ticket
 
@@ -190,12 +214,34 @@ class Admission:
             self._heap = [w for w in self._heap if not w.future.done()]
             heapq.heapify(self._heap)
 
+    def _batch_cap(self) -> int:
+        return max(1, math.floor(self.batch_share * self.max_inflight))
+
+    def _may_start(self, priority: str) -> bool:
+        return priority != "batch" or self._inflight_batch < self._batch_cap()
+
+    def expected_wait_s(self, priority: str) -> float:
+        """Rough wait before a new request of `priority` starts: the requests that
+        go before it, each holding a slot for the mean hold time."""
+        ahead = sum(1 for w in self._heap if not w.future.done()
+                    and (priority == "batch" or w.ticket.priority == "interactive"))
+        free = self._inflight < self.max_inflight and self._may_start(priority)
+        if free and ahead == 0:
+            return 0.0
+        return (ahead + 1) * self._hold_s / max(1, self.max_inflight)
+
     def _dispatch(self) -> None:
+        held_back: list[_Waiter] = []
         while self._heap and self._inflight < self.max_inflight:
             w = heapq.heappop(self._heap)
             if w.future.done():  # cancelled while waiting
                 continue
+            if not self._may_start(w.ticket.priority):
+                held_back.append(w)  # batch at its share: let interactive ones pass
+                continue
             w.future.set_result(self._admit(w.ticket))
+        for w in held_back:
+            heapq.heappush(self._heap, w)
         # Drop cancelled waiters lingering at the top so `queued` stays exact.
         while self._heap and self._heap[0].future.done():
             heapq.heappop(self._heap)

@@ -111,8 +111,12 @@ class Router:
         )
         self.approx = ApproxIndex(r.index_blocks_per_worker)
         self.precise = PreciseIndex(self.block_size) if r.kv_events else None
+        # An interactive request expected to wait more than half its TTFT target
+        # (the other half is for prefill and the first token) is refused at once
+        # rather than queued to miss it.
         self.admission = Admission(queue_bound=r.queue_bound,
-                                   max_inflight=r.max_inflight_per_worker)
+                                   max_inflight=r.max_inflight_per_worker,
+                                   interactive_wait_s=0.5 * profile.slo.ttft_s)
         self.metrics = RouterMetrics()
         self.decisions: deque[Decision] = deque(maxlen=50)
         self._xfer_seen: dict[str, tuple[float, float]] = {}

@@ -169,3 +169,47 @@ def test_interactive_at_a_full_queue_turns_away_the_newest_batch_waiter() -> Non
         adm.release(await second)
 
     run(go())
+
+
+def test_batch_keeps_slots_free_for_interactive() -> None:
+    async def go() -> None:
+        adm = Admission(queue_bound=10, max_inflight=4, batch_share=0.75)  # not the default
+        batch = [await adm.acquire("batch") for _ in range(3)]
+        # The fourth batch request waits although a slot is free...
+        fourth = asyncio.create_task(adm.acquire("batch"))
+        await asyncio.sleep(0)
+        assert not fourth.done() and adm.inflight == 3
+        # ...which an interactive request takes at once.
+        t = await asyncio.wait_for(adm.acquire("interactive"), 1)
+        assert adm.inflight == 4
+        adm.release(t)
+        adm.release(batch[0])
+        adm.release(await asyncio.wait_for(fourth, 1))
+        for b in batch[1:]:
+            adm.release(b)
+        assert adm.inflight == 0
+
+    run(go())
+
+
+def test_interactive_that_would_miss_its_target_is_refused_at_once() -> None:
+    async def go() -> None:
+        adm = Admission(queue_bound=50, max_inflight=1, prior_hold_s=2.0,
+                        interactive_wait_s=3.0)
+        held = await adm.acquire("interactive")
+        first = asyncio.create_task(adm.acquire("interactive"))  # expected wait 2 s
+        await asyncio.sleep(0)
+        assert not first.done()
+        # The next one would wait about 4 s > 3 s: 429 now, not a late answer.
+        with pytest.raises(QueueFull) as info:
+            await adm.acquire("interactive")
+        assert info.value.retry_after_s >= 1
+        # Batch requests have no target: they queue.
+        b = asyncio.create_task(adm.acquire("batch"))
+        await asyncio.sleep(0)
+        assert not b.done()
+        adm.release(held)
+        adm.release(await first)
+        adm.release(await b)
+
+    run(go())

@@ -454,6 +454,8 @@ def test_reset_after_first_byte_ends_stream_with_error_event() -> None:
 
 def test_queue_bound_answers_429_with_retry_after() -> None:
     async def check(box: Box) -> None:
+        # This test is about the queue bound, not the TTFT-target refusal.
+        box.router.admission.interactive_wait_s = None
         m = box.mocks["aggregated-0"]
         m.faults = Faults(hang=True)
 
@@ -521,6 +523,7 @@ def test_client_disconnect_aborts_the_upstream_request() -> None:
 
 def test_client_disconnect_while_queued_frees_the_slot() -> None:
     async def check(box: Box) -> None:
+        box.router.admission.interactive_wait_s = None  # queue, do not refuse
         m = box.mocks["aggregated-0"]
         first = await box.client.post(f"{box.url}/v1/chat/completions", json=chat(stream=True))
         await first.content.readuntil(b"\n\n")
