@@ -123,6 +123,9 @@ def build(
         str(profile.model.block_size),
         "--enable-prefix-caching",
         "--enable-prompt-tokens-details",
+        # pdbox polls /metrics and /health; an access-log line for each would
+        # bury the worker's real log (and grow it without bound).
+        "--disable-uvicorn-access-log",
         f"-O{profile.engine.optimization_level}",
     ]
     if profile.engine.enforce_eager:
