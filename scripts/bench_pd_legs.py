@@ -48,6 +48,7 @@ from bench_interference import NO_AUTOSCALER, write_variant  # noqa: E402
 
 from pdbox import config  # noqa: E402
 from pdbox.bench import pd_legs  # noqa: E402
+from pdbox.bench.procs import group_cpu, group_pids  # noqa: E402
 from pdbox.ports import PortAllocator  # noqa: E402
 from pdbox.workers import vllm as vllm_spec  # noqa: E402
 from pdbox.workers.model import resolve_model  # noqa: E402
@@ -57,31 +58,6 @@ MODEL = "smollm2"
 
 
 # ------------------------------------------------------------------ workers
-
-
-def group_pids(pgid: int) -> list[int]:
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if os.getpgid(p.pid) == pgid:
-                out.append(p.pid)
-        except (ProcessLookupError, psutil.Error):
-            pass
-    return out
-
-
-def group_cpu(pgid: int, seconds: float) -> float:
-    """Cores a process group used over `seconds` (idle spin shows here)."""
-    procs = [psutil.Process(p) for p in group_pids(pgid)]
-    before = {p.pid: sum(p.cpu_times()[:2]) for p in procs}
-    time.sleep(seconds)
-    used = 0.0
-    for p in procs:
-        try:
-            used += sum(p.cpu_times()[:2]) - before[p.pid]
-        except psutil.Error:
-            pass
-    return round(used / seconds, 3)
 
 
 def affinities(pgid: int) -> dict[str, int]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import time
 
-import psutil
 import pytest
 
 from pdbox.bench.pd_legs import measure
+from pdbox.bench.procs import group_cpu
 from tests.e2e.conftest import profile_variant
 
 pytestmark = pytest.mark.e2e
@@ -16,27 +16,6 @@ pytestmark = pytest.mark.e2e
 # The machines are shared and noisy; a single timing can be off by a few tenths
 # of a second. The goal is 1.2x; the test allows 1.2x plus this much.
 NOISE_S = 0.35
-
-
-def group_cpu(pgid: int, seconds: float) -> float:
-    """CPU time used by a process group over `seconds`, in cores."""
-    procs = [p for p in psutil.process_iter() if _pgid(p.pid) == pgid]
-    before = {p.pid: sum(p.cpu_times()[:2]) for p in procs}
-    time.sleep(seconds)
-    used = 0.0
-    for p in procs:
-        try:
-            used += sum(p.cpu_times()[:2]) - before[p.pid]
-        except psutil.Error:
-            pass
-    return used / seconds
-
-
-def _pgid(pid: int) -> int:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return -1
 
 
 @pytest.fixture(scope="module")
