@@ -23,7 +23,7 @@ prefix cache hides them) arrive one every `interval` seconds. Measured client-si
 Goals (P/D against aggregated): ITL p99 ≤ 0.5×, long-prompt TTFT p50 ≤ 1.3×, tokens/s ≥ 0.9×.
 
 Run it under the worker lock, e.g.
-    flock /tmp/pdbox-workers.lock .venv/bin/python scripts/bench_interference.py --json
+    .venv/bin/python scripts/bench_interference.py --json
 """
 
 from __future__ import annotations

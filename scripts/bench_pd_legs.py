@@ -17,7 +17,7 @@ Variants:
 --py-spy samples every process of the prefill worker during one cold prefill leg and
 prints where the active time goes (py-spy must be on PATH or given with --py-spy-bin).
 Goal: prefill leg within 1.2× of the plain request. Run under the worker lock, e.g.
-    flock /tmp/pdbox-workers.lock .venv/bin/python scripts/bench_pd_legs.py --untuned --json
+    .venv/bin/python scripts/bench_pd_legs.py --untuned --json
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ Measured client-side: follow-up TTFT (turns 2..T, send to first streamed content
 first-turn TTFT, and the router's prefix-match tokens. Goal: prefix p50 ≤ 0.5× round_robin
 (expected under pressure; with room round robin may win, see docs/BENCHMARKS.md).
 Run under the worker lock, e.g.
-    flock /tmp/pdbox-workers.lock .venv/bin/python scripts/bench_prefix_live.py --json
+    .venv/bin/python scripts/bench_prefix_live.py --json
 """
 
 from __future__ import annotations
