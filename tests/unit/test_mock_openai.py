@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import aiohttp
 
 from pdbox.devtools.mock_openai import Faults, MockConfig, MockServer
 from pdbox.router.metrics import parse_vllm_metrics
+from tests.helpers import sse_events
 
 
 def run(fn: Callable[[MockServer, aiohttp.ClientSession], Awaitable[None]],
@@ -22,15 +21,6 @@ def run(fn: Callable[[MockServer, aiohttp.ClientSession], Awaitable[None]],
             await asyncio.wait_for(fn(m, s), 20)
 
     asyncio.run(go())
-
-
-def events(raw: bytes) -> list[Any]:
-    out: list[Any] = []
-    for block in raw.decode().split("\n\n"):
-        if block.startswith("data: "):
-            data = block[len("data: "):]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
 
 
 async def metrics(m: MockServer, s: aiohttp.ClientSession) -> dict[str, float]:
@@ -56,7 +46,7 @@ def test_completion_stream_is_vllm_shaped() -> None:
         async with s.post(f"{m.url}/v1/completions", json=body) as r:
             assert r.status == 200
             assert r.content_type == "text/event-stream"
-            ev = events(await r.read())
+            ev = sse_events(await r.read())
         assert ev[-1] == "[DONE]"
         tokens = [e for e in ev[:-1] if e["choices"]]
         assert [e["choices"][0]["text"] for e in tokens] == [" t0", " t1", " t2", " t3", " t4"]
@@ -73,7 +63,7 @@ def test_chat_stream_starts_with_role_and_honours_max_tokens() -> None:
         body = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}],
                 "stream": True, "max_tokens": 2}
         async with s.post(f"{m.url}/v1/chat/completions", json=body) as r:
-            ev = events(await r.read())
+            ev = sse_events(await r.read())
         assert ev[0]["choices"][0]["delta"]["role"] == "assistant"
         assert [e["choices"][0]["delta"]["content"] for e in ev[1:-1]] == [" t0", " t1"]
         assert ev[-1] == "[DONE]"

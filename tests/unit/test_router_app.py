@@ -23,6 +23,7 @@ from pdbox.devtools.mock_openai import Faults, MockConfig, MockServer
 from pdbox.router.app import Router
 from pdbox.router.backends import Registry
 from pdbox.router.tokenize import CharBlockTokenizer
+from tests.helpers import sse_events
 
 MAX_BODY = 64 * 1024
 LONG = "The quick brown fox jumps over the lazy dog. " * 60  # ~2700 chars, ~675 tokens
@@ -107,15 +108,6 @@ async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
-
-
-def sse(raw: bytes) -> list[Any]:
-    out: list[Any] = []
-    for block in raw.decode().split("\n\n"):
-        if block.startswith("data: "):
-            data = block[len("data: "):]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
 
 
 def chat(content: str = "hello", **extra: Any) -> dict[str, Any]:
@@ -229,7 +221,7 @@ def test_stream_passes_through_chunk_by_chunk() -> None:
             assert r.status == 200
             assert r.content_type == "text/event-stream"
             assert r.headers["x-pdbox-pd"] == "aggregated"
-            ev = sse(await r.read())
+            ev = sse_events(await r.read())
         assert ev[-1] == "[DONE]"
         texts = [e["choices"][0]["text"] for e in ev[:-1] if e["choices"]]
         assert texts == [f" t{i}" for i in range(8)]
@@ -314,7 +306,7 @@ def test_pd_two_legs_share_the_request_id() -> None:
             assert r.headers["x-pdbox-pd"] == "remote"
             assert r.headers["x-pdbox-prefill-worker"] == "prefill-0"
             assert r.headers["x-pdbox-decode-worker"] == "decode-0"
-            ev = sse(await r.read())
+            ev = sse_events(await r.read())
         assert ev[-1] == "[DONE]"
         pre, dec = box.mocks["prefill-0"], box.mocks["decode-0"]
         p_seen, d_seen = pre.seen[-1], dec.seen[-1]
@@ -355,7 +347,7 @@ def _fallback_check(cause: str, setup: Callable[[Box], None] | None = None
             assert r.status == 200
             assert r.headers["x-pdbox-pd"] == "local"
             assert "fallback" in r.headers["x-pdbox-pd-reason"]
-            ev = sse(await r.read())
+            ev = sse_events(await r.read())
         assert ev[-1] == "[DONE]" and not any("error" in e for e in ev[:-1])
         assert time.monotonic() - t0 < 5
         assert "kv_transfer_params" not in box.mocks["decode-0"].seen[-1]["body"]
@@ -438,7 +430,7 @@ def test_reset_after_first_byte_ends_stream_with_error_event() -> None:
         box.mocks["aggregated-0"].faults = Faults(fail_after_chunks=3)
         async with box.post("/v1/chat/completions", chat(stream=True)) as r:
             assert r.status == 200
-            ev = sse(await r.read())
+            ev = sse_events(await r.read())
         assert ev[-1] == "[DONE]"
         assert "error" in ev[-2] and ev[-2]["error"]["type"] == "upstream_error"
         assert len(ev) == 5  # role + 2 tokens, the error, [DONE]

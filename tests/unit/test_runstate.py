@@ -23,22 +23,11 @@ import pytest
 from pdbox import runstate
 from pdbox.runfolder import STATE, TOKEN
 from pdbox.runstate import RunFolderError, clear, end_leftovers, prepare, write_state
+from tests.helpers import process_gone
 
 
 def _mode(p: Path) -> int:
     return stat.S_IMODE(p.stat().st_mode)
-
-
-def _gone(pid: int, timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture
@@ -181,7 +170,7 @@ def test_leftover_worker_groups_are_ended(
     assert time.monotonic() - t0 < 2
     assert notes == ["ended 1 leftover worker group(s) of a pdbox that died"]
     assert leader.wait(timeout=2) in (-signal.SIGTERM, -signal.SIGKILL)
-    assert _gone(child)
+    assert process_gone(child)
     assert (tmp_path / TOKEN).read_text().strip() == token
     assert not (tmp_path / STATE).exists()
 
@@ -199,7 +188,7 @@ def test_a_group_whose_leader_left_is_still_ended(
     state = {"workers": [{"id": "decode-0", "pgid": leader.pid, "create_time": created}]}
     try:
         assert end_leftovers(state, grace_s=2.0) == 1
-        assert _gone(orphan)
+        assert process_gone(orphan)
     finally:
         try:
             os.kill(orphan, signal.SIGKILL)

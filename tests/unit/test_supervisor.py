@@ -17,7 +17,6 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import psutil
 import pytest
 
 from pdbox.workers.supervisor import (
@@ -29,6 +28,7 @@ from pdbox.workers.supervisor import (
     Worker,
 )
 from pdbox.workers.vllm import WorkerPorts, WorkerSpec
+from tests.helpers import process_gone
 
 # ----------------------------------------------------------------------- fakes
 
@@ -510,18 +510,6 @@ def _real_spec(argv: list[str]) -> WorkerSpec:
                       ports=WorkerPorts(http=1))
 
 
-def _gone(pid: int, timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_popen_launcher_starts_its_own_group_and_logs_privately(tmp_path: Path) -> None:
     log = tmp_path / "decode-0.log"
     proc = PopenLauncher().spawn(
@@ -561,6 +549,6 @@ def test_real_stop_reaches_children_and_stubborn_leaders(tmp_path: Path) -> None
     t0 = time.monotonic()
     asyncio.run(sup.stop_all())
     assert 0.4 < time.monotonic() - t0 < 3
-    assert _gone(leader) and _gone(child)
+    assert process_gone(leader) and process_gone(child)
     assert w.state == "stopped"
     subprocess.run(["true"])  # let Popen reap what it started
