@@ -566,38 +566,14 @@ class Appliance:
 
     def _role_metrics(self, period: float) -> dict[str, RoleMetrics]:
         assert self.router is not None
-        out: dict[str, RoleMetrics] = {}
-        since = time.monotonic() - max(period, 10.0)
-        m = self.router.metrics
-        per_core = self.cpu.per_core() if self.cpu else []
-        for role in self.profile.roles():
-            ws = [w for w in (self.supervisor.workers.values() if self.supervisor else [])
-                  if w.role == role]
-            ready = [w for w in ws if w.state == "ready"]
-            starting = [w for w in ws if w.state in ("starting", "warming", "restarting")]
-            draining = [w for w in ws if w.state == "draining"]
-            bs = [self.registry.get(w.id) for w in ready]
-            bs = [b for b in bs if b is not None]
-            waiting = float(sum(b.waiting for b in bs))
-            if role in ("decode", "aggregated"):
-                waiting += self.router.admission.queued
-            kv = sum(b.kv_usage for b in bs) / len(bs) if bs else None
-            util = None
-            # A decoding vLLM worker reads near 100 % CPU at any batch size, so
-            # utilization is a scaling signal for prefill only.
-            if per_core and self.profile.hardware.device == "cpu" and role == "prefill":
-                from pdbox.config import parse_core_set
+        from pdbox.role_metrics import role_metrics
 
-                cores = {c for w in ready for c in parse_core_set(w.spec.cores or "0")}
-                vals = [per_core[c] for c in cores if c < len(per_core) and per_core[c] is not None]
-                util = (sum(vals) / len(vals) / 100.0) if vals else None
-            out[role] = RoleMetrics(
-                ready=len(ready), starting=len(starting), draining=len(draining),
-                waiting=waiting,
-                ttft_p90_s=m.ttft.percentile(0.9, since) if role != "decode" else None,
-                itl_p90_s=m.itl.percentile(0.9, since) if role != "prefill" else None,
-                kv_usage=kv, utilization=util)
-        return out
+        return role_metrics(
+            self.profile, now=time.monotonic(), period_s=period,
+            router_metrics=self.router.metrics, admission_queued=self.router.admission.queued,
+            backends=self.registry.backends,
+            workers=self.supervisor.workers.values() if self.supervisor else (),
+            per_core=self.cpu.per_core() if self.cpu else ())
 
     # ---------------------------------------------------------------- control
 
