@@ -2,7 +2,10 @@
 
 Each worker runs in its own process group (start_new_session), so stopping it
 is one killpg: SIGTERM, then SIGKILL after a grace period, which also reaches
-the engine-core processes vLLM forks. Processes, the clock and the health
+the engine-core processes vLLM forks. When a worker's main process dies on its
+own (a crash, an OOM kill), its engine core lives on in that group with parent
+1, holding memory and the worker's ports; so the supervisor ends the old group
+the same way and starts the replacement only once no process of it is left. Processes, the clock and the health
 probe are injected, so the lifecycle (backoff, start failures, stop
 escalation) is tested with fakes and no sleeping.
 """
@@ -144,6 +147,16 @@ class Worker:
     last_probe: float = float("-inf")
     exit_code: int | None = None
     generation: int = 0
+    # The process group of a main process that died: what is left of it is
+    # ended (SIGTERM, then SIGKILL) before the replacement may start.
+    leftover: Proc | None = None
+    leftover_since: float = 0.0
+    leftover_killed: bool = False
+    # When the worker stopped serving unexpectedly, and why: the replacement's
+    # "back in N s" event reports the recovery time.
+    down_since: float | None = None
+    down_reason: str = ""
+    last_recovery_s: float | None = None
 
     @property
     def id(self) -> str:
@@ -248,6 +261,8 @@ class Supervisor:
         """One pass over every worker: notice exits, hangs, readiness; restart with backoff."""
         now = self.clock.now()
         for w in list(self.workers.values()):
+            if w.leftover is not None and not self._reap_leftover(w, now):
+                continue  # the old group still runs: no replacement yet
             if w.state in ("stopped", "failed") or w.id in self._stopping:
                 continue
             if w.proc is None:
@@ -258,7 +273,7 @@ class Supervisor:
             proc = w.proc
             code = proc.poll()
             if code is not None:
-                self._exited(w, code, now)
+                self._exited(w, code, now, proc=proc)
                 continue
             if w.state == "starting":
                 if await self.prober.healthy(w.spec) and self._current(w, proc):
@@ -268,13 +283,14 @@ class Supervisor:
                         continue
                     if warm:
                         w.start_failures = 0
-                        self._set(w, "ready", f"{w.id} ready on port {w.spec.ports.http}")
+                        self._set(w, "ready", self._ready_message(w, self.clock.now()))
                         continue
                     self._set(w, "starting")
                 if self._current(w, proc) and now - w.started_at > self.settings.start_timeout_s:
                     # Also when /health answers but warm-up never succeeds.
                     proc.signal_group(signal.SIGKILL)
-                    self._exited(w, -9, now, reason="did not become ready in time")
+                    self._exited(w, -9, now, reason="did not become ready in time", proc=proc,
+                                 killed=True)
             elif w.state in ("ready", "draining"):
                 # Probing a ready worker costs its API server CPU on the worker's
                 # own core; every couple of seconds is plenty to catch a hang.
@@ -292,23 +308,53 @@ class Supervisor:
                     if now - w.unhealthy_since >= self.settings.health_timeout_s:
                         self.on_event("worker", f"{w.id} stopped answering /health; restarting it")
                         proc.signal_group(signal.SIGKILL)
-                        self._exited(w, -9, now, reason="hung")
+                        self._exited(w, -9, now, reason="hung", proc=proc, killed=True)
 
     def _current(self, w: Worker, proc: Proc) -> bool:
         """False once a stop or restart took this worker's process away during an await."""
         return w.proc is proc and w.id not in self._stopping
 
-    async def _on_exit(self, w: Worker, code: int, now: float, reason: str = "") -> None:
-        self._exited(w, code, now, reason)
+    def _ready_message(self, w: Worker, now: float) -> str:
+        msg = f"{w.id} ready on port {w.spec.ports.http}"
+        if w.down_since is not None:
+            w.last_recovery_s = now - w.down_since
+            msg += f"; back in {w.last_recovery_s:.0f} s after it {w.down_reason}"
+            w.down_since = None
+        return msg
 
-    def _exited(self, w: Worker, code: int, now: float, reason: str = "") -> None:
+    def _reap_leftover(self, w: Worker, now: float) -> bool:
+        """End what is left of a dead main process's group; True once none of it runs."""
+        old = w.leftover
+        assert old is not None
+        if not old.group_alive():
+            w.leftover = None
+            return True
+        if not w.leftover_killed and now - w.leftover_since >= self.settings.stop_grace_s:
+            # vLLM's engine core can ignore SIGTERM for a long time once its
+            # API server is gone.
+            old.signal_group(signal.SIGKILL)
+            w.leftover_killed = True
+            self.on_event("worker", f"{w.id}: old process group {old.pid} did not stop on "
+                                    "SIGTERM; killed it")
+        return False
+
+    def _exited(self, w: Worker, code: int, now: float, reason: str = "",
+                proc: Proc | None = None, killed: bool = False) -> None:
         w.exit_code = code
         w.proc = None
+        if proc is not None:
+            # The main process is gone, but vLLM's engine core (and its workers)
+            # may live on in the group: end them before anything replaces them.
+            if not killed:
+                proc.signal_group(signal.SIGTERM)
+            w.leftover, w.leftover_since, w.leftover_killed = proc, now, killed
         if w.state == "draining":
             self._set(w, "stopped", f"{w.id} stopped")
             return
         was_starting = w.state in ("starting", "warming")
         why = reason or f"exited with code {code}"
+        if w.down_since is None and not was_starting:
+            w.down_since, w.down_reason = now, why
         if was_starting:
             w.start_failures += 1
             if w.start_failures >= self.settings.max_start_failures:
@@ -360,7 +406,7 @@ class Supervisor:
         self.workers.pop(wid, None)
 
     async def _stop_one(self, w: Worker) -> None:
-        if w.proc is None:
+        if w.proc is None and w.leftover is None:
             return
         self._stopping.add(w.id)
         try:
@@ -371,6 +417,7 @@ class Supervisor:
     async def _stop_procs(self, ws: list[Worker]) -> None:
         # The processes are taken now: tick() may run during the grace period.
         live = [(w, w.proc) for w in ws if w.proc is not None]
+        live += [(w, w.leftover) for w in ws if w.leftover is not None]
         for _, proc in live:
             proc.signal_group(signal.SIGTERM)
         deadline = self.clock.now() + self.settings.stop_grace_s
@@ -390,6 +437,8 @@ class Supervisor:
         for w, proc in live:
             if w.proc is proc:
                 w.proc = None
+            if w.leftover is proc and not proc.group_alive():
+                w.leftover = None
 
     async def stop_all(self) -> None:
         ws = list(self.workers.values())
@@ -403,4 +452,5 @@ class Supervisor:
                 self._set(w, "stopped")
 
     def pgids(self) -> list[int]:
-        return [w.proc.pid for w in self.workers.values() if w.proc is not None]
+        return [w.proc.pid for w in self.workers.values() if w.proc is not None] + [
+            w.leftover.pid for w in self.workers.values() if w.leftover is not None]

@@ -66,6 +66,10 @@ class FakeProc:
         self.signals: list[int] = []
         self.linger = 0.0
         self.killed_at: float | None = None
+        # Children left in the group when the leader dies on its own; they stop
+        # on SIGTERM unless `orphans_ignore_term`, and always on SIGKILL.
+        self.orphans = False
+        self.orphans_ignore_term = False
 
     def poll(self) -> int | None:
         if self.code is None and self.exit_at is not None and self.clock.now() >= self.exit_at:
@@ -85,6 +89,9 @@ class FakeProc:
         # `linger`: children of the group that outlive the leader for a while.
         if self.poll() is None:
             return True
+        if self.orphans and self.killed_at is None and not (
+                signal.SIGTERM in self.signals and not self.orphans_ignore_term):
+            return True  # an engine core that outlives its main process
         return self.killed_at is not None and self.clock.now() < self.killed_at + self.linger
 
     def exit(self, code: int) -> None:
@@ -236,6 +243,55 @@ def test_a_ready_worker_that_dies_is_restarted_after_backoff(rig: Rig) -> None:
     assert w.state == "starting" and w.pid == 1001 and w.generation == 2
     rig.tick()
     assert w.state == "ready" and w.restarts == 1
+
+
+def test_a_dead_main_process_has_its_group_ended_before_the_replacement(rig: Rig) -> None:
+    """The crash case: the engine core outlives its main process and ignores SIGTERM."""
+    w = rig.ready()
+    old = rig.launcher.last("decode-0")
+    old.orphans = old.orphans_ignore_term = True
+    old.exit(-9)
+    rig.tick()
+    assert old.signals == [signal.SIGTERM]
+    assert w.state == "restarting" and w.leftover is old
+    assert rig.sup.pgids() == [old.pid]
+    rig.clock.advance(5)  # past the backoff, within the stop grace
+    rig.tick()
+    assert rig.launcher.count("decode-0") == 1  # no replacement beside the old group
+    rig.clock.advance(rig.sup.settings.stop_grace_s)
+    rig.tick()
+    assert old.signals == [signal.SIGTERM, signal.SIGKILL]
+    assert any("did not stop on SIGTERM; killed it" in e for e in rig.events)
+    rig.tick()
+    assert rig.launcher.count("decode-0") == 2 and w.leftover is None
+    rig.tick()
+    assert w.state == "ready"
+    assert any("back in 15 s after it exited with code -9" in e for e in rig.events)
+    assert w.last_recovery_s == pytest.approx(15.0)
+
+
+def test_a_dead_main_process_whose_group_stops_on_sigterm(rig: Rig) -> None:
+    w = rig.ready()
+    old = rig.launcher.last("decode-0")
+    old.orphans = True
+    old.exit(1)
+    rig.tick()
+    assert old.signals == [signal.SIGTERM] and w.state == "restarting"
+    rig.clock.advance(1)
+    rig.tick()
+    assert rig.launcher.count("decode-0") == 2
+    assert signal.SIGKILL not in old.signals
+
+
+def test_stop_all_also_ends_a_dead_main_process_group(rig: Rig) -> None:
+    w = rig.ready()
+    old = rig.launcher.last("decode-0")
+    old.orphans = old.orphans_ignore_term = True
+    old.exit(-9)
+    rig.tick()
+    asyncio.run(rig.sup.stop_all())
+    assert signal.SIGKILL in old.signals and not old.group_alive()
+    assert w.leftover is None and w.state == "stopped"
 
 
 def test_start_failures_back_off_exponentially_then_fatal(tmp_path: Path) -> None:
@@ -531,6 +587,37 @@ def test_popen_launcher_starts_its_own_group_and_logs_privately(tmp_path: Path) 
         time.sleep(0.02)
     assert proc.poll() == -signal.SIGKILL
     proc.signal_group(signal.SIGTERM)  # a group that is gone is no error
+
+
+def test_real_crash_leaves_nothing_of_the_old_group(tmp_path: Path) -> None:
+    """SIGKILL of the main process only: its child ignores SIGTERM, like vLLM's engine core.
+    The supervisor ends the old group before the replacement starts."""
+    script = ("import subprocess, time;"
+              "c = subprocess.Popen(['python3', '-c', 'import signal, time; "
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)']);"
+              "print(c.pid, flush=True); time.sleep(60)")
+    prober = FakeProber()
+    sup = Supervisor(launcher=PopenLauncher(), prober=prober, clock=RealClock(),
+                     log_dir=tmp_path, settings=SupervisorSettings(
+                         stop_grace_s=0.5, backoff_base_s=0.1))
+    w = sup.add(_real_spec([sys.executable, "-c", script]))
+    leader = w.pid
+    assert leader is not None
+    deadline = time.monotonic() + 5
+    while not w.log_path.read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    child = int(w.log_path.read_text().split()[0])
+    os.kill(leader, signal.SIGKILL)
+
+    async def until_replaced() -> None:
+        while w.pid in (None, leader):
+            await sup.tick()
+            await asyncio.sleep(0.05)
+
+    asyncio.run(asyncio.wait_for(until_replaced(), 10))
+    assert process_gone(child), "the old group's child outlived its main process"
+    asyncio.run(sup.stop_all())
+    subprocess.run(["true"])
 
 
 def test_real_stop_reaches_children_and_stubborn_leaders(tmp_path: Path) -> None:
