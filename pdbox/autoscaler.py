@@ -7,7 +7,9 @@ It is the Kubernetes HPA of one box, with Knative's panic mode:
   change;
 - scale-up is immediate but limited to `max_scale_up_step` workers a period;
 - scale-down goes only to the highest recommendation seen in the last
-  `scale_down_window_s`, one worker at a time;
+  `scale_down_window_s`, one worker at a time, and only once a full window of
+  observations exists since start, since the last scale-up and since a pin was
+  released (a short history is not read as the whole window);
 - panic: when the load metrics averaged over `panic_window_s` reach `panic_threshold`
   times what the ready workers are sized for, scale up at once to the recommendation and
   never scale down until `scale_down_window_s` has passed since the last panic-level
@@ -189,6 +191,10 @@ class _RoleState:
     current: int = 0
     desired: int = 0
     blocked: str = ""
+    # Start of the history a scale-down may rely on: the first observation, the
+    # last scale-up, or the release of a pin. None: the next step starts it.
+    history_from: float | None = None
+    hold: str = ""
 
 
 @dataclass(frozen=True)
@@ -223,7 +229,11 @@ class Autoscaler:
 
     def unpin(self, role: str) -> None:
         self._role(role)
-        self._state[role].pinned = None
+        st = self._state[role]
+        if st.pinned is not None:
+            st.pinned = None
+            st.history_from = None
+            st.recs.clear()
 
     def pinned(self, role: str) -> int | None:
         self._role(role)
@@ -277,6 +287,7 @@ class Autoscaler:
         cur = m.committed
         st.current = cur
         st.blocked = ""
+        st.hold = ""
 
         def decide(to: int, rec: _Rec, panic: bool = False) -> ScaleDecision | None:
             st.desired = to
@@ -289,6 +300,8 @@ class Autoscaler:
 
         if st.pinned is not None:
             return decide(st.pinned, _Rec(st.pinned, "pinned", None, None, "pinned by operator"))
+        if st.history_from is None:
+            st.history_from = now
 
         rec = self._recommend(role, m, cur)
         # Panic: the short window's load against what the ready workers are sized for.
@@ -323,6 +336,10 @@ class Autoscaler:
                 return None
             if panic:
                 rec = _Rec(rec.n, rec.metric, rec.value, rec.target, f"panic, {rec.text}")
+            # The history before a scale-up says nothing about the new size.
+            st.history_from = now
+            st.recs.clear()
+            st.recs.append((now, rec.n))
             return decide(to, rec, panic)
         if panic or m.starting or m.draining:
             # No scale-down in panic, nor while the last change is still in flight.
@@ -330,6 +347,13 @@ class Autoscaler:
             return None
         stable = max(n for _, n in st.recs)
         stable = max(rc.min, min(rc.max, stable))
+        seen = now - st.history_from
+        if stable < cur and seen < cfg.scale_down_window_s:
+            # HPA's stabilization window needs a full window of history.
+            st.hold = (f"scale-down to {stable} waits for a full {cfg.scale_down_window_s:g} s "
+                       f"of history ({seen:.0f} s so far)")
+            st.desired = cur
+            return None
         if stable < cur:
             window = f"{cfg.scale_down_window_s:g} s"
             text = f"highest recommendation in the last {window} is {stable}; {rec.text}"
@@ -429,6 +453,7 @@ class Autoscaler:
                 "max": rc.max,
                 "pinned": st.pinned,
                 "blocked": st.blocked or None,
+                "hold": st.hold or None,
             }
         return {
             "enabled": self.cfg.enabled,

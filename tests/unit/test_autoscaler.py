@@ -134,6 +134,53 @@ def test_drop_scales_down_one_step_only_after_the_window() -> None:
     assert box.committed == 1  # min
 
 
+def test_no_scale_down_before_a_full_window_of_history_after_start() -> None:
+    """An idle box just started: the short history is not the whole window."""
+    box = Box(Autoscaler(pd_profile(decode_min=1)), "decode", ready=2)
+    while box.now < 295.0:
+        assert box.tick(waiting=0.0, itl_p90_s=0.01, kv_usage=0.01) == []
+    hold = box.scaler.status()["roles"]["decode"]["hold"]
+    assert hold is not None and "full 300 s of history" in hold
+    while not box.decisions:
+        box.tick(waiting=0.0, itl_p90_s=0.01, kv_usage=0.01)
+    assert (box.decisions[0].from_, box.decisions[0].to) == (2, 1)
+    assert box.now >= 5.0 + 300.0  # the first observation was at 5 s
+
+
+def test_no_scale_down_within_a_window_after_a_scale_up() -> None:
+    box = Box(Autoscaler(pd_profile(decode_min=1)), "decode", ready=1, startup=10.0)
+    for _ in range(70):  # a long quiet start: the history is full
+        box.tick(waiting=0.0, itl_p90_s=0.01)
+    assert box.decisions == []
+    box.tick(waiting=8.0, itl_p90_s=0.3)
+    up = box.decisions[-1]
+    assert up.to > up.from_
+    t_up = box.now
+    while len(box.decisions) == 1:
+        box.tick(waiting=0.0, itl_p90_s=0.01)
+        assert box.now < t_up + 400
+    assert box.decisions[-1].to < box.decisions[-1].from_
+    assert box.now >= t_up + 300.0
+
+
+def test_no_scale_down_within_a_window_after_a_pin_is_released() -> None:
+    scaler = Autoscaler(pd_profile(decode_max=4))
+    idle = {"decode": RoleMetrics(ready=1, waiting=0.0, itl_p90_s=0.01)}
+    for t in range(5, 400, 5):
+        scaler.step(float(t), idle)
+    scaler.pin("decode", 3)
+    scaler.step(400.0, idle)
+    three = {"decode": RoleMetrics(ready=3, waiting=0.0, itl_p90_s=0.01)}
+    scaler.step(405.0, three)
+    scaler.unpin("decode")
+    t = 410.0
+    while not (out := scaler.step(t, three)):
+        t += 5.0
+        assert t < 800
+    assert (out[0].from_, out[0].to) == (3, 2)
+    assert t >= 410.0 + 300.0
+
+
 def test_bounds_min_and_max() -> None:
     box = Box(Autoscaler(pd_profile(decode_max=3, decode_min=2)), "decode", ready=2)
     for _ in range(200):
@@ -267,6 +314,7 @@ def test_decision_dict_matches_control_api() -> None:
         "max": 4,
         "pinned": None,
         "blocked": None,
+        "hold": None,
     }
 
 
