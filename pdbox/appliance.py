@@ -356,10 +356,21 @@ class Appliance:
             mps_env = client_env(self.mps.env(), rc.sm_percent, limit,
                                  self.profile.hardware.gpu_index)
         spec = vllm_spec.build(self.live_profile, role, index, ports, self.model_path,
-                               online_cores=getattr(self, "online", None), mps_env=mps_env)
+                               online_cores=getattr(self, "online", None), mps_env=mps_env,
+                               cores=self._place(role))
         w = self.supervisor.add(spec)
         self._start_kv_events(w)
         return w
+
+    def _place(self, role: str) -> str | None:
+        """The free core set of the role (CPU); workers draining away do not count."""
+        if self.profile.hardware.device != "cpu" or self.supervisor is None:
+            return None
+        from pdbox.placement import choose_core_set
+
+        staying = [w.spec.cores for w in self.supervisor.workers.values()
+                   if w.state not in ("draining", "stopped")]
+        return choose_core_set(self.live_profile.role(role).cores, staying)
 
     def _gpu_total_bytes(self) -> int | None:
         try:

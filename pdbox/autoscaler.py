@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdbox.config import Profile, RoleConfig
+from pdbox.placement import core_load, place
 
 GIB = 1024**3
 # On a GPU the memory fractions of all workers must stay below this (vLLM's
@@ -132,7 +133,7 @@ def budget_allows(
     the excess in time). Each one must lie within 1..100, which the profile guarantees.
 
     CPU: every added worker needs `hardware.worker_memory_gib` of free RAM, and workers
-    take their role's core sets in turn (`RoleConfig.core_set`); no core may carry more
+    take their role's least-loaded core sets (`pdbox.placement`); no core may carry more
     than `max_workers_per_core` workers, nor lie beyond `cpu_count`.
     """
     roles = profile.roles()
@@ -154,14 +155,10 @@ def budget_allows(
                 f"{added} more worker(s) need {need / GIB:.1f} GiB, "
                 f"{free_memory_bytes / GIB:.1f} GiB free",
             )
-    load: dict[int, int] = {}
-    for r, n in counts_by_role.items():
-        if r not in roles:
-            continue
-        rc = roles[r]
-        for i in range(n):
-            for core in _cores(rc, i):
-                load[core] = load.get(core, 0) + 1
+    # Workers are placed on their role's least-loaded core set (pdbox.placement).
+    placed = place({r: roles[r].cores for r in counts_by_role if r in roles},
+                   {r: n for r, n in counts_by_role.items() if r in roles})
+    load = core_load(spec for sets in placed.values() for spec in sets)
     for core, n in sorted(load.items()):
         if cpu_count is not None and core >= cpu_count:
             return BudgetCheck(False, f"core {core} does not exist ({cpu_count} cores)")
@@ -170,13 +167,6 @@ def budget_allows(
                 False, f"core {core} would carry {n} workers (at most {max_workers_per_core})"
             )
     return BudgetCheck(True)
-
-
-def _cores(rc: RoleConfig, index: int) -> list[int]:
-    from pdbox.config import parse_core_set
-
-    spec = rc.core_set(index)
-    return parse_core_set(spec) if spec else []
 
 
 # --------------------------------------------------------------------- controller

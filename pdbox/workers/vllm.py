@@ -98,6 +98,7 @@ def build(
     mps_env: dict[str, str] | None = None,
     gpu_total_bytes: int | None = None,
     python: str | None = None,
+    cores: str | None = None,
 ) -> WorkerSpec:
     """The full command line and environment of one worker."""
     rc: RoleConfig = profile.role(role)
@@ -158,9 +159,9 @@ def build(
     env["HF_HUB_OFFLINE"] = env.get("HF_HUB_OFFLINE", "1" if model_path.startswith("/") else "0")
     tuning_cores: tuple[int, ...] = ()
     process_cores: tuple[int, ...] = ()
-    cores = ""
+    # CPU: the core set placement chose (pdbox.placement), else the role's in turn.
+    cores = "" if cuda else (cores if cores is not None else rc.core_set(index))
     if not cuda:
-        cores = rc.core_set(index)
         compute = parse_core_set(cores)
         env["VLLM_CPU_KVCACHE_SPACE"] = _gib(rc.kv_cache_gib)
         env["VLLM_CPU_OMP_THREADS_BIND"] = cores

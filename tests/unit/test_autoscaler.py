@@ -214,12 +214,14 @@ def test_memory_budget_caps_scale_up() -> None:
 
 
 def test_budget_allows_cpu_rules() -> None:
-    p = pd_profile(decode_max=4)  # prefill on core 0; decode on cores 0, 1 in turn
+    p = pd_profile(decode_max=4)  # prefill on core 0; decode on the least loaded of 0, 1
     assert budget_allows(p, {"prefill": 1, "decode": 2}, cpu_count=2)
-    # decode-2 lands on core 0 with prefill-0 and decode-0: three on one core.
-    check = budget_allows(p, {"prefill": 1, "decode": 3}, cpu_count=2)
+    # Placement spreads: decode on 1, 0, 1 beside prefill on 0 is two a core.
+    assert budget_allows(p, {"prefill": 1, "decode": 3}, cpu_count=2)
+    # A fourth decode worker makes three on core 0.
+    check = budget_allows(p, {"prefill": 1, "decode": 4}, cpu_count=2)
     assert not check and "core 0 would carry 3 workers" in check.reason
-    assert budget_allows(p, {"prefill": 1, "decode": 3}, cpu_count=2, max_workers_per_core=3)
+    assert budget_allows(p, {"prefill": 1, "decode": 4}, cpu_count=2, max_workers_per_core=3)
     check = budget_allows(
         p,
         {"prefill": 1, "decode": 2},
