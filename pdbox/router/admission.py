@@ -25,6 +25,21 @@ Two rules keep interactive requests within their TTFT target under overload:
   miss it, and an interactive request at a full queue turns away the newest
   batch waiter.
 
+A refused request is told when to come back (Retry-After), and the answer is
+meant to be true for well-behaved clients (the openai SDKs retry twice and
+honour Retry-After):
+
+- the wait is estimated from the requests ahead, the slots, and how long a slot
+  is held: the larger of the running mean and the age of the requests holding
+  slots now (at the start of a burst the mean still remembers short requests);
+- a worker that is starting counts as capacity that is coming at its expected
+  ready time;
+- each refusal reserves a later return slot, so a burst of refused clients is
+  spread over the time capacity really frees instead of all coming back at once
+  to be refused again;
+- the answer is capped at `max_retry_after_s` (60 s), the longest delay that
+  common SDKs honour; a longer one makes them retry at once or give up.
+
 The clock is injected, so tests drive arrival times without sleeping.
 """
 
@@ -39,6 +54,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 PRIORITIES = ("interactive", "batch")
+
+
+# The longest Retry-After the common SDKs honour (openai-python: 60 s before
+# 2.x, 120 s after); past it they retry at once with a short backoff or give up.
+MAX_RETRY_AFTER_S = 60.0
 
 
 class QueueFull(Exception):
@@ -103,6 +123,12 @@ class Admission:
         self._hold_s = prior_hold_s  # EWMA of how long a ticket is held
         self.rejected = 0
         self.admitted = 0
+        self.max_retry_after_s = MAX_RETRY_AFTER_S
+        self._held: set[Ticket] = set()  # tickets holding a slot now
+        # Capacity on its way: (absolute time it is expected ready, slots it adds).
+        self._coming: list[tuple[float, int]] = []
+        # Return times promised to refused clients, latest last.
+        self._promised: list[float] = []
 
     # ------------------------------------------------------------------ public
 
@@ -130,7 +156,7 @@ class Admission:
             expected = self.expected_wait_s(priority)
             if expected > self.interactive_wait_s:
                 self.rejected += 1
-                raise QueueFull(max(1.0, expected), self.queued)
+                raise QueueFull(self._promise(expected), self.queued)
         if self.queued >= self.queue_bound and not (
             priority == "interactive" and self._turn_away_batch()
         ):
@@ -158,6 +184,7 @@ class Admission:
         if ticket.released or ticket.admitted is None:
             return
         ticket.released = True
+        self._held.discard(ticket)
         self._inflight -= 1
         if ticket.priority == "batch":
             self._inflight_batch -= 1
@@ -166,11 +193,58 @@ class Admission:
         self._dispatch()
 
     def retry_after_s(self) -> float:
-        """Seconds until the queue has probably drained by one bound's worth."""
+        """When a client refused now should come back: after the queue ahead of it
+        has drained, and after the clients already told to come back earlier."""
         waiting = self.queued + 1
-        return float(max(1, math.ceil(waiting * self._hold_s / self.max_inflight)))
+        return self._promise(self._wait_for(waiting))
+
+    def capacity_coming(self, coming: list[tuple[float, int]]) -> None:
+        """Workers that are starting: (absolute time expected ready, slots each adds)."""
+        self._coming = sorted(coming)
+
+    def hold_estimate_s(self) -> float:
+        """How long a slot is held: the running mean, or longer while the requests
+        holding slots now are already older than that."""
+        now = self.clock()
+        ages = sorted(now - t.admitted for t in self._held if t.admitted is not None)
+        if not ages:
+            return self._hold_s
+        return max(self._hold_s, ages[len(ages) // 2])
+
+    def _wait_for(self, ahead: int) -> float:
+        """Seconds until `ahead` requests have started, counting capacity that is coming."""
+        hold = self.hold_estimate_s()
+        now = self.clock()
+        slots, t, left = float(max(1, self.max_inflight)), 0.0, float(ahead)
+        for ready_at, added in self._coming:
+            dt = max(0.0, ready_at - now) - t
+            if dt <= 0:
+                slots += added
+                continue
+            can = dt * slots / hold  # requests started before that capacity arrives
+            if can >= left:
+                break
+            left -= can
+            t += dt
+            slots += added
+        return t + left * hold / slots
+
+    def _promise(self, wait_s: float) -> float:
+        """Reserve a return time at least `wait_s` away and after the last one promised,
+        one slot interval apart; returns the delay in seconds (1 ≤ delay ≤ the cap)."""
+        now = self.clock()
+        self._promised = [p for p in self._promised if p > now]
+        interval = self.hold_estimate_s() / max(1, self.max_inflight + sum(
+            n for _, n in self._coming))
+        at = now + max(1.0, wait_s)
+        if self._promised:
+            at = max(at, self._promised[-1] + interval)
+        delay = min(self.max_retry_after_s, at - now)
+        self._promised.append(now + delay)
+        return delay
 
     def snapshot(self) -> dict[str, float | int]:
+        now = self.clock()
         return {
             "inflight": self._inflight,
             "inflight_batch": self._inflight_batch,
@@ -178,13 +252,16 @@ class Admission:
             "queue_bound": self.queue_bound,
             "admitted": self.admitted,
             "rejected": self.rejected,
-            "hold_s": round(self._hold_s, 3),
+            "hold_s": round(self.hold_estimate_s(), 3),
+            "slots_coming": sum(n for _, n in self._coming),
+            "retries_promised": sum(1 for p in self._promised if p > now),
         }
 
     # ----------------------------------------------------------------- helpers
 
     def _admit(self, ticket: Ticket, now: float | None = None) -> Ticket:
         ticket.admitted = self.clock() if now is None else now
+        self._held.add(ticket)
         self._inflight += 1
         if ticket.priority == "batch":
             self._inflight_batch += 1
@@ -228,7 +305,7 @@ class Admission:
         free = self._inflight < self.max_inflight and self._may_start(priority)
         if free and ahead == 0:
             return 0.0
-        return (ahead + 1) * self._hold_s / max(1, self.max_inflight)
+        return self._wait_for(ahead + 1)
 
     def _dispatch(self) -> None:
         held_back: list[_Waiter] = []

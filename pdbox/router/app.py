@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections import deque
@@ -139,10 +140,17 @@ class Router:
         if self.session is not None:
             await self.session.close()
 
-    def capacity_changed(self) -> None:
-        """Admission capacity follows the number of workers that can serve."""
+    def capacity_changed(self, coming_ready_at: list[float] | None = None) -> None:
+        """Admission capacity follows the number of workers that can serve.
+
+        `coming_ready_at`: when each worker that is starting is expected to be
+        ready (monotonic seconds); admission counts it as capacity on its way.
+        """
+        per = self.profile.router.max_inflight_per_worker
         n = max(1, len(self.registry.of_roles(self.registry.decode_roles())))
-        self.admission.max_inflight = n * self.profile.router.max_inflight_per_worker
+        self.admission.max_inflight = n * per
+        if coming_ready_at is not None:
+            self.admission.capacity_coming([(t, per) for t in coming_ready_at])
         self.admission._dispatch()  # let waiters in if capacity grew
 
     def forget_worker(self, wid: str) -> None:
@@ -252,9 +260,12 @@ class Router:
         except QueueFull as exc:
             self.metrics.rejected.inc()
             self.metrics.requests.inc(outcome="rejected")
+            # Both forms: retry-after-ms keeps the spread of return times that
+            # admission planned; Retry-After is the standard, in whole seconds.
             return oe.error_response(
                 429, "pdbox is saturated; retry later.", "rate_limit_exceeded",
-                headers={"Retry-After": str(max(1, int(exc.retry_after_s + 0.999)))})
+                headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s))),
+                         "retry-after-ms": str(max(1, round(exc.retry_after_s * 1000)))})
         try:
             return await self._route(request, body, kind, tokens, t0)
         finally:

@@ -213,3 +213,75 @@ def test_interactive_that_would_miss_its_target_is_refused_at_once() -> None:
         adm.release(await b)
 
     run(go())
+
+
+# ------------------------------------------------------- Retry-After that is true
+
+
+def _interactive_burst(adm: Admission, n: int) -> list[float]:
+    """n interactive requests at one instant against a full box: their Retry-After."""
+    out = []
+
+    async def go() -> None:
+        for _ in range(n):
+            try:
+                t = await asyncio.wait_for(adm.acquire(), 0.01)
+                out.append(0.0)
+                del t
+            except QueueFull as exc:
+                out.append(exc.retry_after_s)
+            except TimeoutError:
+                out.append(-1.0)  # queued
+
+    run(go())
+    return out
+
+
+def test_a_refused_burst_is_told_to_come_back_spread_out() -> None:
+    clock = Clock()
+    adm = Admission(queue_bound=64, max_inflight=4, clock=clock, prior_hold_s=8.0,
+                    interactive_wait_s=1.5)
+    got = _interactive_burst(adm, 24)
+    refused = [r for r in got if r > 0]
+    assert len(refused) >= 15
+    # One slot frees every hold/slots = 2 s: each refused client gets its own return time.
+    gaps = [b - a for a, b in zip(refused, refused[1:], strict=False)]
+    assert all(g == pytest.approx(2.0) for g in gaps), gaps
+    assert adm.snapshot()["retries_promised"] == len(refused)
+
+
+def test_retry_after_is_capped_at_what_sdks_honour() -> None:
+    clock = Clock()
+    adm = Admission(queue_bound=64, max_inflight=1, clock=clock, prior_hold_s=30.0,
+                    interactive_wait_s=1.5)
+    got = _interactive_burst(adm, 10)
+    assert max(got) == pytest.approx(60.0)
+    assert all(r <= 60.0 for r in got)
+
+
+def test_hold_estimate_follows_the_age_of_requests_holding_slots() -> None:
+    clock = Clock()
+
+    async def go() -> None:
+        adm = Admission(queue_bound=8, max_inflight=2, clock=clock, prior_hold_s=1.0)
+        a, b = await adm.acquire(), await adm.acquire()
+        clock.t += 12.0
+        assert adm.hold_estimate_s() == pytest.approx(12.0)
+        adm.release(a)
+        adm.release(b)
+        assert adm.hold_estimate_s() < 12.0
+
+    run(go())
+
+
+def test_a_starting_worker_counts_as_capacity_that_is_coming() -> None:
+    clock = Clock()
+    slow = Admission(queue_bound=64, max_inflight=2, clock=clock, prior_hold_s=10.0)
+    fast = Admission(queue_bound=64, max_inflight=2, clock=clock, prior_hold_s=10.0)
+    fast.capacity_coming([(clock.t + 5.0, 8)])
+    # 20 ahead at 2 slots of 10 s: 100 s. With 8 more slots from t+5: 5 s gets 1 out,
+    # the other 19 go at 10 slots: 19 s more.
+    assert slow._wait_for(20) == pytest.approx(100.0)
+    assert fast._wait_for(20) == pytest.approx(5.0 + 19 * 10.0 / 10)
+    fast.capacity_coming([(clock.t - 1.0, 8)])  # overdue: counts as there
+    assert fast._wait_for(20) == pytest.approx(20.0)
