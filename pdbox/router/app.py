@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from pdbox.config import Profile
+from pdbox.config import Profile, parse_core_set
 from pdbox.router import openai_errors as oe
 from pdbox.router.admission import Admission, QueueFull
 from pdbox.router.backends import Backend, Registry
@@ -120,7 +120,7 @@ class Router:
                                    interactive_wait_s=0.5 * profile.slo.ttft_s)
         self.metrics = RouterMetrics()
         self.decisions: deque[Decision] = deque(maxlen=50)
-        self._xfer_seen: dict[str, tuple[float, float]] = {}
+        self._xfer_seen: dict[tuple[str, ...], tuple[float, ...]] = {}
         self.events = events
         self.session: aiohttp.ClientSession | None = None
         self._upstream_timeout = aiohttp.ClientTimeout(total=r.request_timeout_s, sock_connect=5)
@@ -307,6 +307,16 @@ class Router:
             excluded.add(decode.id)
             self.metrics.retries.inc()
 
+    def _slice_key(self, role: str) -> str:
+        """Workers of equal hardware slices share one prefill-speed estimate."""
+        try:
+            rc = self.profile.role(role)
+        except KeyError:
+            return role
+        if self.profile.hardware.device == "cuda":
+            return f"sm {rc.sm_percent}%"
+        return f"{len(parse_core_set(rc.core_set(0)))} core(s)" if rc.cores else "cpu"
+
     def _size_index(self) -> None:
         """Bound the approximate index by what a worker's KV cache really holds.
 
@@ -343,21 +353,22 @@ class Router:
                 pp = self.prefill_picker.pick([b.view() for b in prefills], pm, len(hashes),
                                               "prefix" if self.policy == "prefix" else self.policy)
                 prefill = self.registry.get(pp.worker_id)
+            for b in (decode, prefill):
+                if b is not None:
+                    self.decider.set_slice(b.id, self._slice_key(b.role))
             dec = self.decider.decide(uncached, prefill.view() if prefill else None,
                                       decode.view(), time.monotonic())
             reason = dec.reason
             pd = "remote" if dec.remote else "local"
             if dec.remote and prefill is not None:
-                # Requests already on the prefill worker: the leg's wall time
-                # includes waiting for them, which decide() counts separately.
-                ahead = prefill.waiting + prefill.running + prefill.inflight
                 prefill.inflight += 1
-                tp = time.monotonic()
+                # The decider times the leg net of the prefills already queued there.
+                self.decider.prefill_sent(prefill.id, request_id, uncached, time.monotonic())
+                leg_ok = False
                 try:
                     kv_params = await prefill_leg(self.session, prefill.url, path, body, request_id,
                                                   self.profile.router.prefill_timeout_s)
-                    self.decider.observe_prefill(prefill.id, uncached,
-                                                 (time.monotonic() - tp) / (1 + ahead))
+                    leg_ok = True
                     self.metrics.routed.inc(worker=prefill.id, leg="prefill")
                     self.approx.record(prefill.id, hashes)
                 except PrefillFailed as exc:
@@ -369,7 +380,11 @@ class Router:
                                     f"decoding locally: {exc}")
                 finally:
                     prefill.inflight -= 1
+                    self.decider.prefill_done(prefill.id, request_id, time.monotonic(), leg_ok)
             if pd == "local":
+                # Its first token ends the prefill on the decode worker (_relay).
+                self.decider.prefill_sent(decode.id, request_id, uncached, time.monotonic(),
+                                          local=True)
                 prefill_id = None
             else:
                 prefill_id = prefill.id if prefill else None
@@ -393,6 +408,8 @@ class Router:
                                           request_id, decision, hashes, uncached, t0, last_try)
         finally:
             decode.inflight -= 1
+            # No first token seen (not streamed, failed): end its backlog entry unlearnt.
+            self.decider.prefill_done(decode.id, request_id, time.monotonic(), ok=False)
 
     async def _decode_leg(self, request: web.Request, body: dict[str, Any],
                           kv_params: dict[str, Any] | None, decode: Backend, path: str,
@@ -455,7 +472,6 @@ class Router:
         last = 0.0
         chunks = 0
         content = upstream.content
-        observe_local = decision.pd == "local" and decode.role == "decode"
         try:
             await resp.prepare(request)
             while True:
@@ -472,8 +488,7 @@ class Router:
                     if first is None:
                         first = now
                         self.metrics.ttft.observe(now - t0, now)
-                        if observe_local:
-                            self.decider.observe_local_prefill(decode.id, uncached, now - t0)
+                        self.decider.prefill_done(decode.id, decision.request_id, now)
                     else:
                         gap = now - last
                         self.metrics.itl.observe(gap, now)
@@ -511,21 +526,42 @@ class Router:
     # -------------------------------------------------------------- status
 
     def learn_transfers(self) -> None:
-        """Feed the decider the mean NIXL pull time of transfers since the last call.
+        """Feed the decider what the workers' engines measured since the last call.
 
-        vLLM counts each KV pull on the decode worker in
-        vllm:nixl_xfer_time_seconds (sum and count); the difference since the
-        previous scrape is the mean of the transfers that just happened.
+        - vLLM counts each KV pull on the decode worker in
+          vllm:nixl_xfer_time_seconds (sum and count); the difference since
+          the previous call is the mean of the transfers that just happened.
+        - vllm:request_prefill_time_seconds (from the engine scheduling a
+          request to its first token: no queue, no HTTP) with
+          vllm:request_prefill_kv_computed_tokens (prompt tokens computed,
+          cache hits excluded) give each worker's own prefill speed, the
+          decider's preferred teacher.
         """
         for b in self.registry.backends.values():
-            s = b.metrics.get("vllm:nixl_xfer_time_seconds_sum")
-            c = b.metrics.get("vllm:nixl_xfer_time_seconds_count")
-            if s is None or c is None:
-                continue
-            ps, pc = self._xfer_seen.get(b.id, (s, c))
-            self._xfer_seen[b.id] = (s, c)
-            if c > pc and s >= ps:
-                self.decider.observe_transfer((s - ps) / (c - pc))
+            xfer = self._delta(b, "vllm:nixl_xfer_time_seconds_sum",
+                               "vllm:nixl_xfer_time_seconds_count")
+            if xfer is not None and xfer[1] > 0 and xfer[0] >= 0:
+                self.decider.observe_transfer(xfer[0] / xfer[1])
+            pre = self._delta(b, "vllm:request_prefill_kv_computed_tokens_sum",
+                              "vllm:request_prefill_time_seconds_sum",
+                              "vllm:request_prefill_time_seconds_count")
+            if pre is not None and min(pre) >= 0:
+                self.decider.observe_engine_prefill(b.id, pre[0], pre[1], pre[2])
+
+    def _delta(self, b: Backend, *names: str) -> tuple[float, ...] | None:
+        """How much each named series grew since the previous call (None: first sight).
+
+        A count that fell means the worker restarted: start again from there.
+        """
+        now = tuple(b.metrics.get(n) for n in names)
+        if any(v is None for v in now):
+            return None
+        cur = tuple(float(v) for v in now if v is not None)
+        prev = self._xfer_seen.get((b.id, *names))
+        self._xfer_seen[(b.id, *names)] = cur
+        if prev is None or any(c < p for c, p in zip(cur, prev, strict=True)):
+            return None
+        return tuple(c - p for c, p in zip(cur, prev, strict=True))
 
     def snapshot(self, window_s: float = 60.0) -> dict[str, Any]:
         now = time.monotonic()

@@ -8,10 +8,9 @@ whose load runs ahead of the least-loaded one by both an absolute and a
 relative margin loses its prefix score: affinity without balance loses
 (FINDINGS: pinned conversations doubled TTFT when caches had room).
 
-`PDDecider` decides per request whether a prefill worker should compute the
-prompt and ship its KV over NIXL, or the decode worker should prefill it
-itself. It takes the clock and all observations as arguments: no sleeps,
-no I/O, so replay and tests drive it directly.
+`PDDecider` (decider.py, re-exported here) decides per request whether a
+prefill worker should compute the prompt and ship its KV over NIXL, or the
+decode worker should prefill it itself.
 """
 
 from __future__ import annotations
@@ -20,6 +19,11 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+from pdbox.router.decider import PDDecider, PDDecision
+
+__all__ = ["POLICIES", "NoWorker", "PDDecider", "PDDecision", "Pick", "Picker", "ScoreWeights",
+           "WorkerView"]
 
 POLICIES = ("prefix", "least_loaded", "round_robin")
 
@@ -197,177 +201,3 @@ class Picker:
         self._sessions.move_to_end(key)
         while len(self._sessions) > self._session_capacity:
             self._sessions.popitem(last=False)
-
-
-# --------------------------------------------------------------------------- P/D
-
-
-@dataclass(frozen=True)
-class PDDecision:
-    remote: bool
-    reason: str
-    predicted_local_s: float | None = None
-    predicted_remote_s: float | None = None
-
-
-class _Ewma:
-    __slots__ = ("alpha", "value")
-
-    def __init__(self, alpha: float, value: float | None = None):
-        self.alpha = alpha
-        self.value = value
-
-    def add(self, x: float) -> None:
-        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
-
-    def get(self, default: float) -> float:
-        return default if self.value is None else self.value
-
-
-class PDDecider:
-    """Conditional disaggregation, as in NVIDIA Dynamo.
-
-    "threshold": remote iff at least `min_uncached_tokens` are uncached on the
-    chosen decode worker and a ready prefill worker exists.
-
-    "adaptive": the threshold still gates, then it predicts the time to first
-    token both ways from what it has observed:
-
-    - local  = decode queue wait + tokens / decode worker's prefill speed
-    - remote = prefill queue wait + tokens / prefill speed + KV transfer time
-
-    and goes remote when that is faster, or when a local prefill would push
-    the decode worker's running streams past the ITL target while the remote
-    path still meets the TTFT target. Until observations arrive it uses the
-    priors given to the constructor.
-    """
-
-    def __init__(
-        self,
-        mode: str = "adaptive",
-        min_uncached_tokens: int = 256,
-        ttft_slo_s: float = 3.0,
-        itl_slo_s: float = 0.25,
-        prior_prefill_tps: float = 1000.0,
-        prior_transfer_s: float = 0.1,
-        prior_itl_s: float = 0.05,
-        chunk_tokens: int = 2048,
-        alpha: float = 0.3,
-    ):
-        if mode not in ("threshold", "adaptive"):
-            raise ValueError(f"unknown P/D decider {mode!r}; use threshold or adaptive")
-        self.mode = mode
-        self.min_uncached_tokens = min_uncached_tokens
-        self.ttft_slo_s = ttft_slo_s
-        self.itl_slo_s = itl_slo_s
-        self.prior_prefill_tps = prior_prefill_tps
-        self.prior_itl_s = prior_itl_s
-        # vLLM chunks a long prefill into steps of about this many tokens; each
-        # step stalls the worker's running decodes for its duration.
-        self.chunk_tokens = chunk_tokens
-        self.alpha = alpha
-        self._prefill_tps: dict[str, _Ewma] = {}
-        self._local_tps: dict[str, _Ewma] = {}
-        self._itl: dict[str, _Ewma] = {}
-        self._transfer = _Ewma(alpha, None)
-        self._prior_transfer_s = prior_transfer_s
-        self._last_obs: float | None = None
-
-    # ------------------------------------------------------------ observations
-
-    def observe_prefill(self, worker_id: str, tokens: int, seconds: float) -> None:
-        if tokens > 0 and seconds > 0:
-            self._ewma(self._prefill_tps, worker_id).add(tokens / seconds)
-
-    def observe_local_prefill(self, worker_id: str, tokens: int, seconds: float) -> None:
-        """Learn the decode worker's own prefill speed from a local request's TTFT.
-
-        Only prompts past the P/D gate count: a short prompt's TTFT is the wait
-        for the decode step in progress, not prefill, and would teach a speed
-        several times too low. One decode step is taken off for the same reason.
-        """
-        if tokens < max(1, self.min_uncached_tokens):
-            return
-        itl = self._itl.get(worker_id)
-        seconds -= itl.get(0.0) if itl is not None else 0.0
-        if seconds > 0:
-            self._ewma(self._local_tps, worker_id).add(tokens / seconds)
-
-    def observe_transfer(self, seconds: float) -> None:
-        if seconds >= 0:
-            self._transfer.add(seconds)
-
-    def observe_itl(self, worker_id: str, seconds: float) -> None:
-        if seconds > 0:
-            self._ewma(self._itl, worker_id).add(seconds)
-
-    def forget_worker(self, worker_id: str) -> None:
-        for table in (self._prefill_tps, self._local_tps, self._itl):
-            table.pop(worker_id, None)
-
-    def estimates(self) -> dict[str, object]:
-        """What the decider has learnt, for the status snapshot."""
-        return {
-            "prefill_tps": {k: v.value for k, v in self._prefill_tps.items()},
-            "local_prefill_tps": {k: v.value for k, v in self._local_tps.items()},
-            "itl_s": {k: v.value for k, v in self._itl.items()},
-            "transfer_s": self._transfer.value,
-        }
-
-    # ---------------------------------------------------------------- decision
-
-    def decide(
-        self,
-        uncached_tokens: int,
-        prefill: WorkerView | None,
-        decode: WorkerView,
-        now: float,
-    ) -> PDDecision:
-        # `now` is accepted so callers pass the same clock everywhere; the
-        # current model has no time-decay of its estimates.
-        del now
-        tokens = max(0, int(uncached_tokens))
-        if prefill is None or not prefill.ready:
-            return PDDecision(False, "local: no ready prefill worker")
-        if tokens < self.min_uncached_tokens:
-            return PDDecision(
-                False,
-                f"local: {tokens} uncached tokens < {self.min_uncached_tokens} threshold",
-            )
-        if self.mode == "threshold":
-            return PDDecision(
-                True, f"remote: {tokens} uncached tokens ≥ {self.min_uncached_tokens} threshold"
-            )
-        local_tps = self._ewma(self._local_tps, decode.id).get(self.prior_prefill_tps)
-        remote_tps = self._ewma(self._prefill_tps, prefill.id).get(self.prior_prefill_tps)
-        transfer = self._transfer.get(self._prior_transfer_s)
-        local_prefill_s = tokens / local_tps
-        remote_prefill_s = tokens / remote_tps
-        # Queue waits: requests ahead of us, each costing about one prompt's
-        # prefill at that worker's speed. Decode's running streams do not block
-        # a new prefill (continuous batching); only its waiting ones do.
-        local_s = decode.waiting * local_prefill_s + local_prefill_s
-        ahead = prefill.waiting + prefill.running + prefill.inflight
-        remote_s = ahead * remote_prefill_s + remote_prefill_s + transfer
-        itl = self._ewma(self._itl, decode.id).get(self.prior_itl_s)
-        stalled_itl = itl + min(tokens, self.chunk_tokens) / local_tps
-        breaks_itl = decode.running > 0 and stalled_itl > self.itl_slo_s
-        cmp = f"predicted TTFT {remote_s:.1f}s remote vs {local_s:.1f}s local"
-        if remote_s < local_s:
-            return PDDecision(True, f"remote: {tokens} uncached tokens; {cmp}", local_s, remote_s)
-        if breaks_itl and remote_s <= self.ttft_slo_s:
-            return PDDecision(
-                True,
-                f"remote: {tokens} uncached tokens; local prefill would stall "
-                f"{decode.running} running streams to ITL {stalled_itl:.2f}s "
-                f"> {self.itl_slo_s:.2f}s target; {cmp}",
-                local_s,
-                remote_s,
-            )
-        return PDDecision(False, f"local: {tokens} uncached tokens; {cmp}", local_s, remote_s)
-
-    def _ewma(self, table: dict[str, _Ewma], key: str) -> _Ewma:
-        e = table.get(key)
-        if e is None:
-            e = table[key] = _Ewma(self.alpha)
-        return e

@@ -1,11 +1,11 @@
-"""The Picker's policies and the P/D decider."""
+"""The Picker's policies (the P/D decider has tests/unit/test_decider.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from pdbox.config import Weights
-from pdbox.router.policy import NoWorker, PDDecider, Picker, WorkerView
+from pdbox.router.policy import NoWorker, Picker, WorkerView
 
 
 def w(id_: str, waiting=0, running=0, inflight=0, kv=0.0, ready=True, role="decode"):
@@ -104,82 +104,3 @@ def test_session_map_is_bounded() -> None:
     assert p.session_worker("s0") is None and p.session_worker("s9") == "a"
     p.forget_worker("a")
     assert p.session_worker("s9") is None
-
-
-# ----------------------------------------------------------------------- P/D
-
-
-def test_threshold_mode() -> None:
-    d = PDDecider(mode="threshold", min_uncached_tokens=256)
-    pre, dec = w("p", role="prefill"), w("d")
-    assert d.decide(300, pre, dec, 0.0).remote
-    small = d.decide(100, pre, dec, 0.0)
-    assert not small.remote and "100 uncached tokens < 256 threshold" in small.reason
-    none = d.decide(5000, None, dec, 0.0)
-    assert not none.remote and "no ready prefill worker" in none.reason
-    assert not d.decide(5000, w("p", role="prefill", ready=False), dec, 0.0).remote
-
-
-def test_adaptive_goes_remote_when_faster() -> None:
-    d = PDDecider(min_uncached_tokens=256, prior_transfer_s=0.1)
-    d.observe_prefill("p", 2000, 1.0)  # 2000 tok/s
-    d.observe_local_prefill("d", 500, 1.0)  # 500 tok/s: decode is slow at prefill
-    dec = d.decide(1000, w("p", role="prefill"), w("d"), 0.0)
-    assert dec.remote
-    assert dec.predicted_remote_s == pytest.approx(0.6)
-    assert dec.predicted_local_s == pytest.approx(2.0)
-    assert dec.reason == "remote: 1000 uncached tokens; predicted TTFT 0.6s remote vs 2.0s local"
-
-
-def test_adaptive_stays_local_when_prefill_worker_is_queued() -> None:
-    d = PDDecider(min_uncached_tokens=256)
-    d.observe_prefill("p", 1000, 1.0)
-    d.observe_local_prefill("d", 1000, 1.0)
-    d.observe_transfer(0.2)
-    dec = d.decide(1000, w("p", role="prefill", waiting=3), w("d"), 0.0)
-    assert not dec.remote
-    assert dec.reason.startswith("local: 1000 uncached tokens; predicted TTFT 4.2s remote")
-
-
-def test_adaptive_offloads_to_protect_running_streams() -> None:
-    d = PDDecider(min_uncached_tokens=256, ttft_slo_s=3.0, itl_slo_s=0.25)
-    d.observe_prefill("p", 1000, 1.0)
-    d.observe_local_prefill("d", 1000, 1.0)
-    d.observe_transfer(0.3)
-    d.observe_itl("d", 0.05)
-    # Equal speeds: remote is slower by the transfer, but local would stall 4 streams.
-    dec = d.decide(1000, w("p", role="prefill"), w("d", running=4), 0.0)
-    assert dec.remote
-    assert "stall 4 running streams" in dec.reason
-    # Nobody to stall: stay local.
-    assert not d.decide(1000, w("p", role="prefill"), w("d"), 0.0).remote
-    # Remote would miss the TTFT target: stay local even if streams stall.
-    busy = w("p", role="prefill", waiting=5)
-    assert not d.decide(1000, busy, w("d", running=4), 0.0).remote
-
-
-def test_adaptive_learns_with_ewma() -> None:
-    d = PDDecider(alpha=0.5)
-    d.observe_prefill("p", 1000, 1.0)
-    d.observe_prefill("p", 3000, 1.0)
-    assert d.estimates()["prefill_tps"] == {"p": 2000.0}
-    d.observe_prefill("p", 0, 1.0)  # ignored
-    assert d.estimates()["prefill_tps"] == {"p": 2000.0}
-    d.forget_worker("p")
-    assert d.estimates()["prefill_tps"] == {}
-
-
-def test_unknown_decider_mode() -> None:
-    with pytest.raises(ValueError):
-        PDDecider(mode="always")
-
-
-def test_local_prefill_speed_learnt_only_from_prompts_past_the_gate() -> None:
-    d = PDDecider(mode="adaptive", min_uncached_tokens=256)
-    d.observe_itl("decode-0", 0.05)
-    # A short prompt's TTFT is the wait for the decode step in progress: ignored.
-    d.observe_local_prefill("decode-0", 20, 0.2)
-    assert d.estimates()["local_prefill_tps"] == {}
-    # A long one counts, less one decode step: 500 tokens in 1.05 s - 0.05 s.
-    d.observe_local_prefill("decode-0", 500, 1.05)
-    assert abs(d.estimates()["local_prefill_tps"]["decode-0"] - 500.0) < 1e-6
