@@ -166,6 +166,19 @@ def check_disk(path: Path, free_bytes: int) -> Check:
     )
 
 
+def check_strays(strays: list[Any]) -> Check:
+    """vLLM processes left by a worker or a pdbox that died hold memory and ports."""
+    if not strays:
+        return Check("strays", OK, "no stray pdbox worker processes")
+    gib = sum(s.rss_bytes for s in strays) / GIB
+    listed = "; ".join(f"pid {s.pid} ({s.name}, group {s.pgid}: {s.why})" for s in strays)
+    groups = sorted({s.pgid for s in strays})
+    fix = " && ".join(f"kill -TERM -- -{g}" for g in groups) + \
+        " (then kill -KILL -- -GROUP for any still there after 5 s)"
+    return Check("strays", WARN, f"{len(strays)} worker process(es) belong to no running "
+                 f"pdbox, {gib:.1f} GiB resident: {listed}", fix)
+
+
 def check_model(state: str, detail: str, folder: Path) -> Check:
     """`state`: ready | missing | corrupt | unavailable (the wheel with the GGUF is absent)."""
     name = f"embedded model {EMBEDDED_MODEL}"
@@ -298,6 +311,12 @@ def _model_state() -> tuple[str, str, Path]:
     return state, detail, folder
 
 
+def _strays() -> list[Any]:
+    from pdbox.strays import find_strays, pdbox_alive, scan
+
+    return find_strays(scan(), pdbox_alive)
+
+
 @dataclass
 class Probes:
     """Where each check's inputs come from. Tests pass their own."""
@@ -312,6 +331,7 @@ class Probes:
     home: Callable[[], Path] = paths.home
     free_disk: Callable[[Path], int] = _free_disk
     model: Callable[[], tuple[str, str, Path]] = _model_state
+    strays: Callable[[], list[Any]] = lambda: _strays()
 
 
 def run_checks(probes: Probes) -> list[Check]:
@@ -328,6 +348,7 @@ def run_checks(probes: Probes) -> list[Check]:
         check_memory(probes.available_memory()),
         check_disk(home, probes.free_disk(home)),
         check_model(state, detail, folder),
+        check_strays(probes.strays()),
     ]
 
 

@@ -153,6 +153,9 @@ def build(
     )
     env["PYTHONUNBUFFERED"] = "1"
     env["PDBOX_PARENT_PID"] = str(os.getpid())
+    # With the pid, tells a stray worker process from one whose pdbox still runs
+    # (pdbox doctor), even once the pid is reused.
+    env["PDBOX_PARENT_START"] = _own_start_time()
     env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     # Never log prompts or completions unless the user asks for it.
     env.setdefault("VLLM_DEBUG_LOG_API_SERVER_RESPONSE", "false")
@@ -202,3 +205,12 @@ def build(
 
 def _gib(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _own_start_time() -> str:
+    try:
+        import psutil
+
+        return f"{psutil.Process().create_time():.3f}"
+    except Exception:  # noqa: BLE001 - an unknown start time only weakens the stray check
+        return ""

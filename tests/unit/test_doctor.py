@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ def probes(**over) -> dr.Probes:
         home=lambda: Path("/data/pdbox"),
         free_disk=lambda p: 50 * GIB,
         model=lambda: ("missing", "", Path("/data/pdbox/models/smollm2-135m-instruct")),
+        strays=lambda: [],
     )
     base.update(over)
     return dr.Probes(**base)
@@ -50,20 +53,21 @@ def test_healthy_cpu_machine_passes_with_a_gpu_warning(monkeypatch):
     res = run(monkeypatch, probes())
     assert res.exit_code == 0, res.output
     lines = res.output.strip().splitlines()
-    assert len(lines) == 10  # nine checks and a summary
+    assert len(lines) == 11  # ten checks and a summary
     gpu = next(ln for ln in lines if " gpu " in ln)
     assert gpu.startswith("warn") and "no GPU: pdbox will use the CPU profile cpu-tiny" in gpu
     assert "will be converted on first `pdbox up` (~30 s)" in res.output
-    assert lines[-1] == "8 ok, 1 warn, 0 fail"
+    assert lines[-1] == "9 ok, 1 warn, 0 fail"
 
 
 def test_json_output(monkeypatch):
     res = run(monkeypatch, probes(), "--json")
     assert res.exit_code == 0
     data = json.loads(res.output)
-    assert data["ok"] is True and data["summary"] == {"ok": 8, "warn": 1, "fail": 0}
+    assert data["ok"] is True and data["summary"] == {"ok": 9, "warn": 1, "fail": 0}
     names = [c["name"] for c in data["checks"]]
-    assert names == ["python", "vllm", "nixl", "gpu", "mps", "cores", "memory", "disk", "model"]
+    assert names == ["python", "vllm", "nixl", "gpu", "mps", "cores", "memory", "disk", "model",
+                     "strays"]
     assert all(set(c) == {"name", "status", "detail", "fix"} for c in data["checks"])
 
 
@@ -203,7 +207,7 @@ def test_real_probes_except_nixl_are_quick_and_import_nothing_heavy(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout.strip().splitlines()[-1])
-    assert data == {"heavy": [], "n": 9}
+    assert data == {"heavy": [], "n": 10}
 
 
 @pytest.mark.skipif(
@@ -214,3 +218,57 @@ def test_real_nixl_probe_creates_the_ucx_backend():
     res = dr.probe_nixl(timeout_s=120)
     assert res["ok"] is True, res
     assert "UCX" in res["backends"]
+
+
+# ------------------------------------------------------------------- strays
+
+
+def _proc(pid: int, ppid: int, pgid: int, owner: int | None, start: str = "100.0",
+          name: str = "VLLM::EngineCore"):
+    from pdbox.strays import ProcInfo
+
+    env = {} if owner is None else {"PDBOX_PARENT_PID": str(owner), "PDBOX_PARENT_START": start}
+    return ProcInfo(pid, ppid, pgid, name, 2 * GIB, env)
+
+
+def test_find_strays_of_a_gone_pdbox_and_of_a_dead_worker_main() -> None:
+    from pdbox.strays import find_strays
+
+    live = {(500, 100.0)}
+
+    def alive(pid: int, start: float | None) -> bool:
+        return (pid, start) in live
+
+    procs = [
+        _proc(10, 500, 10, 500, name="python"),  # a healthy worker of pdbox 500
+        _proc(11, 10, 10, 500),  # its engine core
+        _proc(21, 1, 20, 500),  # engine core whose worker main (20) died
+        _proc(31, 1, 30, 600),  # engine core of a pdbox that is gone
+        _proc(41, 1, 40, 500, start="999.0"),  # pid 500 reused by another process
+        _proc(51, 1, 50, None, name="bash"),  # not a pdbox worker at all
+    ]
+    strays = find_strays(procs, alive)
+    assert [(s.pid, s.pgid) for s in strays] == [(21, 20), (31, 30), (41, 40)]
+    assert "main process (pid 20) died" in strays[0].why
+    assert "pdbox (pid 600) is gone" in strays[1].why
+    check = dr.check_strays(strays)
+    assert check.status == dr.WARN and "3 worker process(es)" in check.detail
+    assert "kill -TERM -- -20" in check.fix and "kill -TERM -- -30" in check.fix
+
+
+def test_doctor_reports_a_real_stray(tmp_path) -> None:
+    """A process carrying a gone pdbox's marks is found by the real scan."""
+    from pdbox.strays import find_strays, pdbox_alive, scan
+
+    env = dict(os.environ, PDBOX_PARENT_PID="999999999", PDBOX_PARENT_START="1.0")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 5
+        found: list = []
+        while time.monotonic() < deadline and not found:
+            found = [s for s in find_strays(scan(), pdbox_alive) if s.pid == proc.pid]
+        assert found and found[0].pgid == proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
