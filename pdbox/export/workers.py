@@ -16,6 +16,7 @@ from pdbox.config import Profile, RoleConfig, parse_core_set
 from pdbox.export import targets as T
 from pdbox.export.ledger import Ledger
 from pdbox.export.names import Names
+from pdbox.workers.vllm import offload_bytes, offload_connector
 
 KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer"}
 SIDECAR_CONNECTOR = "nixlv2"
@@ -28,13 +29,20 @@ def kv_transfer_config(profile: Profile, role: str) -> dict[str, Any]:
     kv_producer/kv_consumer rather than llm-d guides' kv_both: vLLM marks
     kv_both deprecated, and the roles never swap.
     """
-    return {
+    nixl = {
         "kv_connector": "NixlConnector",
         "kv_role": KV_ROLE[role],
         "kv_buffer_device": profile.nixl.buffer_device,
         "kv_load_failure_policy": profile.nixl.kv_load_failure_policy,
         "kv_connector_extra_config": {"backends": [profile.nixl.backend]},
     }
+    offload = offload_connector(profile, KV_ROLE[role])
+    if offload is None:
+        return nixl
+    # NIXL first, then the host-memory tier, as a local worker runs them.
+    return {**{k: v for k, v in nixl.items() if k != "kv_connector_extra_config"},
+            "kv_connector": "MultiConnector",
+            "kv_connector_extra_config": {"connectors": [nixl, offload]}}
 
 
 def model_ref(profile: Profile, led: Ledger) -> str:
@@ -90,6 +98,8 @@ def vllm_args(profile: Profile, role: str, rc: RoleConfig, port: int, model: str
             "--kv-transfer-config",
             json.dumps(kv_transfer_config(profile, role), separators=(",", ":")),
         ]
+    elif (offload := offload_connector(profile, "kv_both")) is not None:
+        args += ["--kv-transfer-config", json.dumps(offload, separators=(",", ":"))]
     if profile.hardware.device == "cuda":
         args += ["--gpu-memory-utilization", f"{rc.memory_fraction:g}"]
     return args + list(e.extra_args)
@@ -108,6 +118,11 @@ def book_shared(profile: Profile, led: Ledger) -> None:
         "vLLM --enforce-eager",
         "--enforce-eager" if e.enforce_eager else None,
     )
+    if profile.kv.offload_gib and hw.device == "cuda":
+        led.map("kv.offload_gib", "vLLM OffloadingConnector cpu_bytes_to_use in "
+                "--kv-transfer-config, and the pod's memory request", offload_bytes(profile))
+    else:
+        led.ignore("kv.offload_gib", "no host-memory KV tier")
     for arg in e.extra_args:
         led.map("engine.extra_args", "vLLM arguments, appended", arg)
     if not e.extra_args:
@@ -303,6 +318,10 @@ def deployment(
 
     if cuda:
         resources: dict[str, Any] = {"limits": {"nvidia.com/gpu": "1"}}
+        if profile.kv.offload_gib:
+            # The host KV tier is pinned host memory: the pod must be given it.
+            mem = f"{math.ceil(profile.kv.offload_gib)}Gi"
+            resources["requests"] = {"memory": mem}
     else:
         cpu, mem = str(role_cpus(rc)), role_memory(profile, rc)
         # requests == limits with whole CPUs: Guaranteed QoS, which the static

@@ -261,6 +261,29 @@ def mem_limit_for(fraction: float, total_bytes: int, gpu_index: int = 0) -> str:
     return f"{gpu_index}={value}"
 
 
+_UNITS = {"": 1, "K": 1024, "M": MIB, "G": GIB, "T": 1024 * GIB}
+
+
+def mem_limit_bytes(limit: str, ordinal: int = 0) -> int | None:
+    """The cap in bytes that a `CUDA_MPS_PINNED_DEVICE_MEM_LIMIT` value gives
+    device `ordinal`, or None when it names other devices only.
+
+    NVIDIA's format is a comma-separated list of `<device>=<size>` with the
+    size in K, M, G or T (a trailing B allowed: "0=1G,1=512MB"); a size without
+    a unit is read as bytes here.
+    """
+    if not _MEM_LIMIT.match(limit):
+        raise ValueError(f"not an MPS memory limit: {limit!r} (expected e.g. '0=20G')")
+    for part in limit.split(","):
+        dev, size = part.split("=")
+        if int(dev) != ordinal:
+            continue
+        m = re.match(r"^(\d+)([KMGT]?)B?$", size)
+        assert m is not None  # the pattern above admits nothing else
+        return int(m.group(1)) * _UNITS[m.group(2)]
+    return None
+
+
 def client_env(
     daemon_env: Mapping[str, str],
     sm_percent: int,

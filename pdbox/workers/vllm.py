@@ -15,6 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdbox.config import Profile, RoleConfig, parse_core_set
+from pdbox.plan.memory import (
+    GIB,
+    GPU_MAX_NUM_BATCHED_TOKENS,
+    GPU_MAX_NUM_SEQS,
+    MemoryLedger,
+    cap_bytes,
+    gpu_ledger,
+)
+from pdbox.plan.model_facts import DTYPE_BYTES, FactsError, ModelFacts
 from pdbox.workers.tuning import CHECKED_VERSIONS, Tuning
 
 SITE_DIR = Path(__file__).parent / "_site"
@@ -68,13 +77,112 @@ def helper_cores(profile: Profile, online: list[int]) -> list[int]:
     return [c for c in online if c not in used]
 
 
-def kv_transfer_config(profile: Profile, role: str) -> dict[str, object]:
-    return {
+def kv_transfer_config(profile: Profile, role: str) -> dict[str, object] | None:
+    """The worker's KV connector: NIXL for a P/D role, followed by vLLM's
+    OffloadingConnector (a host-memory tier) when `kv.offload_gib` is set.
+
+    The two go in an explicit MultiConnector, NIXL first: vLLM's
+    `--kv-offloading-size` shortcut would replace the connector and drop NIXL.
+    An aggregated GPU worker with offload gets the OffloadingConnector alone.
+    """
+    offload = offload_connector(profile, KV_ROLE.get(role, "kv_both"))
+    if not (profile.is_pd and role in KV_ROLE):
+        return offload
+    nixl: dict[str, object] = {
         "kv_connector": "NixlConnector",
         "kv_role": KV_ROLE[role],
         "kv_buffer_device": profile.nixl.buffer_device,
         "kv_load_failure_policy": profile.nixl.kv_load_failure_policy,
     }
+    if offload is None:
+        return nixl
+    return {
+        "kv_connector": "MultiConnector",
+        "kv_role": KV_ROLE[role],
+        "kv_buffer_device": profile.nixl.buffer_device,
+        "kv_load_failure_policy": profile.nixl.kv_load_failure_policy,
+        "kv_connector_extra_config": {"connectors": [nixl, offload]},
+    }
+
+
+def offload_connector(profile: Profile, kv_role: str) -> dict[str, object] | None:
+    if not profile.kv.offload_gib or profile.hardware.device != "cuda":
+        return None
+    return {
+        "kv_connector": "OffloadingConnector",
+        "kv_role": kv_role,
+        "kv_connector_extra_config": {"cpu_bytes_to_use": offload_bytes(profile)},
+    }
+
+
+def offload_bytes(profile: Profile) -> int:
+    return int(profile.kv.offload_gib * GIB)
+
+
+def extra_flag_value(profile: Profile, flag: str) -> str | None:
+    """The value a profile's engine.extra_args give `flag` (the last one wins,
+    as in argparse), in either "--flag=V" or "--flag V" form."""
+    args = list(profile.engine.extra_args)
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def gpu_batch_limits(profile: Profile, rc: RoleConfig) -> tuple[int, int]:
+    """(max_num_batched_tokens, max_num_seqs) a GPU worker runs with."""
+    tokens = extra_flag_value(profile, "--max-num-batched-tokens")
+    seqs = extra_flag_value(profile, "--max-num-seqs")
+    return (int(tokens) if tokens and tokens.isdigit() else GPU_MAX_NUM_BATCHED_TOKENS,
+            int(seqs) if seqs and seqs.isdigit() else rc.max_num_seqs or GPU_MAX_NUM_SEQS)
+
+
+def worker_ledger(profile: Profile, role: str, budget: int, facts: ModelFacts) -> MemoryLedger:
+    """The memory ledger of one GPU worker of `role` with `budget` bytes."""
+    rc = profile.role(role)
+    tokens, seqs = gpu_batch_limits(profile, rc)
+    kv_dtype = extra_flag_value(profile, "--kv-cache-dtype")
+    return gpu_ledger(
+        facts, budget,
+        block_size=profile.model.block_size,
+        max_model_len=profile.model.max_model_len,
+        max_num_seqs=seqs,
+        max_batched_tokens=tokens,
+        cuda_graphs=not profile.engine.enforce_eager and profile.engine.optimization_level > 0,
+        kv_dtype_bytes=DTYPE_BYTES.get(kv_dtype or ""),
+    )
+
+
+def planned_budget(profile: Profile, role: str, mps_env: dict[str, str] | None,
+                   gpu_total_bytes: int | None) -> int | None:
+    """A GPU worker's memory budget: its MPS cap, else its fraction of the card."""
+    limit = (mps_env or {}).get("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT")
+    if limit:
+        from pdbox.hardware.mps import mem_limit_bytes
+
+        return mem_limit_bytes(limit)
+    if gpu_total_bytes:
+        return cap_bytes(profile.role(role).memory_fraction, gpu_total_bytes)
+    return None
+
+
+def _ledger_from_files(profile: Profile, role: str, model_path: str,
+                       budget: int | None) -> MemoryLedger | None:
+    """The ledger from the model's config.json on this machine, if it is here.
+    `pdbox up` makes sure it is (and that the plan fits) before any worker."""
+    if budget is None:
+        return None
+    from pdbox.plan.sources import facts_for_source
+
+    try:
+        facts = facts_for_source(model_path, dtype=profile.model.dtype)
+    except FactsError:
+        return None
+    ledger = worker_ledger(profile, role, budget, facts)
+    return ledger if ledger.problem("", "") is None else None
 
 
 def kv_events_config(wid: str, port: int) -> dict[str, object]:
@@ -99,8 +207,15 @@ def build(
     gpu_total_bytes: int | None = None,
     python: str | None = None,
     cores: str | None = None,
+    memory: MemoryLedger | None = None,
 ) -> WorkerSpec:
-    """The full command line and environment of one worker."""
+    """The full command line and environment of one worker.
+
+    On a GPU, `memory` (the plan's ledger for this worker) sets the KV cache
+    with --kv-cache-memory-bytes. Without it the ledger is worked out here
+    from the MPS cap in `mps_env` (or `gpu_total_bytes`) and the model's
+    config.json, when both are at hand.
+    """
     rc: RoleConfig = profile.role(role)
     wid = worker_id(role, index)
     cuda = profile.hardware.device == "cuda"
@@ -131,16 +246,32 @@ def build(
     ]
     if profile.engine.enforce_eager:
         argv.append("--enforce-eager")
-    if rc.max_num_seqs:
+    if cuda:
+        # Explicit on a GPU: vLLM's defaults follow the device memory it sees,
+        # which MPS may report as the cap; the plan's activation reserve
+        # assumes these numbers.
+        tokens, seqs = gpu_batch_limits(profile, rc)
+        argv += ["--max-num-batched-tokens", str(tokens), "--max-num-seqs", str(seqs)]
+    elif rc.max_num_seqs:
         argv += ["--max-num-seqs", str(rc.max_num_seqs)]
     if profile.router.priority_scheduling:
         argv += ["--scheduling-policy", "priority"]
-    if profile.is_pd and role in KV_ROLE:
-        argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(profile, role))]
+    kv_config = kv_transfer_config(profile, role)
+    if kv_config is not None:
+        argv += ["--kv-transfer-config", json.dumps(kv_config)]
     if ports.kv_events:
         argv += ["--kv-events-config", json.dumps(kv_events_config(wid, ports.kv_events))]
     if cuda:
+        # With --kv-cache-memory-bytes, vLLM uses the utilization only for its
+        # start-up check "free >= total x utilization", which the role's own
+        # fraction passes whether the client sees the card or its MPS cap
+        # (docs/GPU.md, "One memory truth").
         argv += ["--gpu-memory-utilization", f"{rc.memory_fraction:.3f}"]
+        if memory is None:
+            memory = _ledger_from_files(profile, role, model_path,
+                                        planned_budget(profile, role, mps_env, gpu_total_bytes))
+        if memory is not None and memory.kv_cache_bytes > 0:
+            argv += ["--kv-cache-memory-bytes", str(memory.kv_cache_bytes)]
     if "--trust-remote-code" in profile.engine.extra_args:
         pass  # allowed explicitly by the profile (checked at load time)
     argv += list(profile.engine.extra_args)
