@@ -73,6 +73,13 @@ def up(profile_name: str | None, port: int | None, host: str | None, headless: b
         click.echo(f"pdbox: {exc}", err=True)
         sys.exit(2)
     attached = parse_attach(attach, profile)
+    if not attached:
+        # The same plan as `pdbox plan`: a profile that cannot fit is refused
+        # before any worker (or MPS daemon) starts.
+        refusal = plan_refusal(profile)
+        if refusal:
+            click.echo(f"pdbox: {refusal}", err=True)
+            sys.exit(1)
     env_name = api_key_env or profile.router.api_key_env
     api_key = os.environ.get(env_name) or None
     bind = host or profile.router.host
@@ -87,6 +94,19 @@ def up(profile_name: str | None, port: int | None, host: str | None, headless: b
     else:
         code = asyncio.run(_run_headless(profile, run_dir, bind, port, attached, api_key))
     sys.exit(code)
+
+
+def plan_refusal(profile: config.Profile) -> str | None:
+    """One sentence when the profile's plan does not fit, else None. A hub
+    model's config.json is fetched alone if needed: its workers would
+    download the whole model next."""
+    from pdbox.plan.build import PlanError
+    from pdbox.plan.make import make_plan
+
+    try:
+        return make_plan(profile, fetch=True).refusal()
+    except PlanError as exc:
+        return str(exc)
 
 
 def _progress(msg: str) -> None:

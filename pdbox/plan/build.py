@@ -16,7 +16,7 @@ from typing import Any
 
 from pdbox.config import Profile
 from pdbox.hardware.mps import MEMORY_BUDGET, client_env, mem_limit_for
-from pdbox.plan.memory import KNOWN_GPU_MEMORY, MemoryLedger, cap_bytes, cpu_ledger, gib
+from pdbox.plan.memory import GIB, KNOWN_GPU_MEMORY, MemoryLedger, cap_bytes, cpu_ledger, gib
 from pdbox.plan.model_facts import ModelFacts
 from pdbox.workers import vllm as vllm_spec
 
@@ -178,12 +178,18 @@ def _worker(plan: Plan, p: Profile, role: str, index: int, ports: vllm_spec.Work
                 plan.problems.append(f"{p.name}: {problem}: raise {role}.memory_fraction, "
                                      "lower model.max_model_len or serve a smaller model")
     elif facts is not None:
-        ledger = cpu_ledger(facts, rc.kv_cache_gib, block_size=p.model.block_size,
-                            max_model_len=p.model.max_model_len)
+        kv_gib = rc.kv_cache_gib
         budget_text = f"{rc.kv_cache_gib:g} GiB KV cache (VLLM_CPU_KVCACHE_SPACE) + weights"
+        blocks = vllm_spec.extra_flag_value(p, "--num-gpu-blocks-override")
+        if blocks and blocks.isdigit():
+            # A cache set in blocks overrides the GiB (engine.extra_args).
+            kv_gib = int(blocks) * p.model.block_size * facts.kv_bytes_per_token() / GIB
+            budget_text = f"{blocks} KV blocks (--num-gpu-blocks-override) + weights"
+        ledger = cpu_ledger(facts, kv_gib, block_size=p.model.block_size,
+                            max_model_len=p.model.max_model_len)
         if ledger.kv_tokens < p.model.max_model_len:
             plan.problems.append(
-                f"{p.name}: {wid}'s KV cache of {rc.kv_cache_gib:g} GiB holds "
+                f"{p.name}: {wid}'s KV cache of {gib(ledger.kv_cache_bytes)} holds "
                 f"{ledger.kv_tokens} tokens, fewer than one {p.model.max_model_len}-token "
                 f"sequence: raise {role}.kv_cache_gib or lower model.max_model_len")
     spec = vllm_spec.build(p, role, index, ports, model_arg, online_cores=None, base_env={},

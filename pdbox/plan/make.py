@@ -1,0 +1,74 @@
+"""The plan of a profile on this machine: the model's facts and the card's
+size found where they are, then `build_plan`. Shared by `pdbox plan` and the
+check `pdbox up` makes before it starts anything."""
+
+from __future__ import annotations
+
+from pdbox.config import Profile
+from pdbox.plan.build import Plan, PlanError, build_plan
+from pdbox.plan.model_facts import FactsError, ModelFacts
+from pdbox.plan.sources import facts_for_source
+
+
+def model_arg_for(source: str) -> str:
+    """What the worker's --model will be: a folder's absolute path, a hub id
+    as is, the embedded model's cache folder."""
+    from pathlib import Path
+
+    source = source.strip()
+    if source.startswith("embedded:"):
+        from pdbox.workers.model import cache_folder
+
+        return str(cache_folder(source.split(":", 1)[1]))
+    if source.startswith(("/", "./", "../", "~")) or Path(source).is_dir():
+        return str(Path(source).expanduser().resolve())
+    return source
+
+
+def gpu_total_from_nvml(profile: Profile) -> int | None:
+    """The card's memory as NVML reports it, or None with no GPU at hand."""
+    from pdbox.hardware.nvml import default_telemetry
+
+    gpu = default_telemetry()
+    if not gpu.available():
+        return None
+    try:
+        total = gpu.devices()[profile.hardware.gpu_index].memory_total_bytes
+    except (IndexError, AttributeError):
+        return None
+    return int(total) if total == total and total else None  # NA is NaN
+
+
+def make_plan(
+    profile: Profile,
+    *,
+    model: str | None = None,
+    gpu_total_bytes: int | None = None,
+    fetch: bool = False,
+    ask_nvml: bool = True,
+) -> Plan:
+    """`model` overrides the profile's source; `gpu_total_bytes` the card's
+    size (else NVML, else the card the profile names). Raises PlanError when
+    the model's facts cannot be had on a GPU profile, where the memory plan
+    is what makes the workers start at all."""
+    source = model or profile.model.source
+    facts: ModelFacts | None = None
+    note = ""
+    try:
+        facts = facts_for_source(source, dtype=profile.model.dtype, fetch=fetch)
+    except FactsError as exc:
+        if profile.hardware.device == "cuda":
+            raise PlanError(f"{profile.name}: cannot plan GPU memory: {exc}") from None
+        note = f"no memory ledger: {exc}"
+    origin = "--gpu-memory-gib" if gpu_total_bytes else ""
+    if profile.hardware.device == "cuda" and gpu_total_bytes is None and ask_nvml:
+        gpu_total_bytes = gpu_total_from_nvml(profile)
+        origin = "NVML" if gpu_total_bytes else ""
+    from pdbox import paths
+
+    plan = build_plan(profile, facts, model_arg=model_arg_for(source),
+                      gpu_total_bytes=gpu_total_bytes, gpu_total_from=origin,
+                      run_dir=paths.run_dir())
+    if note:
+        plan.notes.append(note)
+    return plan
