@@ -25,6 +25,7 @@ from pdbox.config import Profile, parse_core_set
 from pdbox.router import openai_errors as oe
 from pdbox.router.admission import Admission, QueueFull
 from pdbox.router.backends import Backend, Registry
+from pdbox.router.kv_events import render_prometheus
 from pdbox.router.metrics import Counter, Gauge, Histogram
 from pdbox.router.pd import PrefillFailed, decode_body, prefill_leg
 from pdbox.router.policy import NoWorker, PDDecider, Picker
@@ -112,6 +113,9 @@ class Router:
         )
         self.approx = ApproxIndex(r.index_blocks_per_worker)
         self.precise = PreciseIndex(self.block_size) if r.kv_events else None
+        if self.precise is not None and events is not None:
+            # Gaps, replays and dead KV-event streams go to the TUI's Events pane.
+            self.precise.on_event = lambda message: events("kv", message)
         # An interactive request expected to wait more than half its TTFT target
         # (the other half is for prefill and the first token) is refused at once
         # rather than queued to miss it.
@@ -121,6 +125,8 @@ class Router:
         self.metrics = RouterMetrics()
         self.decisions: deque[Decision] = deque(maxlen=50)
         self._xfer_seen: dict[tuple[str, ...], tuple[float, ...]] = {}
+        # request id -> (worker, prompt block hashes, sent at): KV events due once prefilled
+        self._awaiting_events: dict[str, tuple[str, list[int], float]] = {}
         self.events = events
         self.session: aiohttp.ClientSession | None = None
         self._upstream_timeout = aiohttp.ClientTimeout(total=r.request_timeout_s, sock_connect=5)
@@ -187,7 +193,8 @@ class Router:
                 self.metrics.kv_xfer_failures.set(
                     b.metrics["vllm:nixl_num_failed_transfers_total"], worker=b.id)
         self.metrics.queued.set(self.admission.queued)
-        return web.Response(text=self.metrics.render(),
+        kv = "\n".join(render_prometheus(self.precise.feeds)) + "\n" if self.precise else ""
+        return web.Response(text=self.metrics.render() + kv,
                             content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 
@@ -329,11 +336,26 @@ class Router:
             self.approx.blocks_per_worker = min(sizes)
 
     def _match(self, ids: list[str], hashes: list[int]) -> dict[str, int]:
+        """Leading blocks each worker holds: from its KV events while their feed is
+        healthy (they see evictions), else from what the router sent it."""
         m = self.approx.match_all(ids, hashes)
         if self.precise is not None:
-            for wid, n in self.precise.match_all(ids, hashes).items():
-                m[wid] = max(m.get(wid, 0), n)
+            now = time.monotonic()
+            for wid in ids:
+                if self.precise.trusted(wid, now):
+                    m[wid] = self.precise.match(wid, hashes)
         return m
+
+    def _blocks_cached(self, request_id: str) -> None:
+        """A request's prefill is done on a worker: if its index lacks the prompt's
+        blocks, that worker's KV events about them are due (a silent feed is dead)."""
+        sent = self._awaiting_events.pop(request_id, None)
+        if sent is None or self.precise is None:
+            return
+        wid, hashes, since = sent
+        feed = self.precise.feeds.get(wid)
+        if feed is not None and self.precise.match(wid, hashes) < len(hashes):
+            feed.expect(since, time.monotonic())
 
     async def _run(self, request: web.Request, body: dict[str, Any], kind: str,
                    tokens: list[int], hashes: list[int], decode: Backend, matched_tokens: int,
@@ -363,7 +385,8 @@ class Router:
             if dec.remote and prefill is not None:
                 prefill.inflight += 1
                 # The decider times the leg net of the prefills already queued there.
-                self.decider.prefill_sent(prefill.id, request_id, uncached, time.monotonic())
+                leg_sent = time.monotonic()
+                self.decider.prefill_sent(prefill.id, request_id, uncached, leg_sent)
                 leg_ok = False
                 try:
                     kv_params = await prefill_leg(self.session, prefill.url, path, body, request_id,
@@ -371,6 +394,8 @@ class Router:
                     leg_ok = True
                     self.metrics.routed.inc(worker=prefill.id, leg="prefill")
                     self.approx.record(prefill.id, hashes)
+                    self._awaiting_events[request_id] = (prefill.id, hashes, leg_sent)
+                    self._blocks_cached(request_id)
                 except PrefillFailed as exc:
                     self.metrics.fallbacks.inc(cause=_cause(str(exc)))
                     pd = "local"
@@ -403,6 +428,7 @@ class Router:
             headers["x-pdbox-prefill-worker"] = prefill_id
         decode.inflight += 1
         decode.routed += 1
+        self._awaiting_events[request_id] = (decode.id, hashes, time.monotonic())
         try:
             return await self._decode_leg(request, body, kv_params, decode, path, headers,
                                           request_id, decision, hashes, uncached, t0, last_try)
@@ -410,6 +436,7 @@ class Router:
             decode.inflight -= 1
             # No first token seen (not streamed, failed): end its backlog entry unlearnt.
             self.decider.prefill_done(decode.id, request_id, time.monotonic(), ok=False)
+            self._awaiting_events.pop(request_id, None)
 
     async def _decode_leg(self, request: web.Request, body: dict[str, Any],
                           kv_params: dict[str, Any] | None, decode: Backend, path: str,
@@ -451,6 +478,7 @@ class Router:
                 self.metrics.requests.inc(outcome="ok" if ok else "upstream_error")
                 if ok:
                     self.metrics.e2e.observe(elapsed, time.monotonic())
+                    self._blocks_cached(request_id)
                 return web.Response(body=data, status=upstream.status, headers=headers,
                                     content_type=upstream.content_type or "application/json")
             return await self._relay(request, upstream, decode, headers, decision, uncached, t0)
@@ -489,6 +517,7 @@ class Router:
                         first = now
                         self.metrics.ttft.observe(now - t0, now)
                         self.decider.prefill_done(decode.id, decision.request_id, now)
+                        self._blocks_cached(decision.request_id)
                     else:
                         gap = now - last
                         self.metrics.itl.observe(gap, now)
@@ -596,6 +625,8 @@ class Router:
             "nixl_mb_per_s": mbps,
             "policy": self.policy,
             "decider": self.decider.estimates(),
+            "kv_events": {wid: f.snapshot() for wid, f in sorted(self.precise.feeds.items())}
+            if self.precise is not None else {},
             "last_decisions": [d.to_dict() for d in list(self.decisions)[-10:]],
         }
 

@@ -11,7 +11,9 @@ Two indexes answer that question:
   from the workers, but it cannot see evictions, so it is bounded by an LRU
   per worker that should be about the worker's cache size.
 - `PreciseIndex` is fed by vLLM's KV-cache events (`kv_events.py`), so it
-  knows what each worker really holds, evictions included.
+  knows what each worker really holds, evictions included. While a worker's
+  event feed is healthy (`trusted`), its precise view is the truth for it;
+  the approximate index serves only workers without one.
 
 Both are plain dicts in one thread (the router's event loop); no locks.
 """
@@ -19,8 +21,8 @@ Both are plain dicts in one thread (the router's event loop); no locks.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any, Protocol
 
 # Seed of the first block's hash. Any constant works; a named one documents intent.
 _ROOT = 0x5D_B0_C5
@@ -104,16 +106,29 @@ class ApproxIndex:
         return list(self._workers)
 
 
+class Feed(Protocol):
+    """A worker's KV-event feed as the index sees it (kv_events.KVEventSubscriber)."""
+
+    def trusted(self, now: float) -> bool: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+
 class _WorkerBlocks:
     """One worker's blocks as its KV events describe them."""
 
-    __slots__ = ("by_engine", "held")
+    __slots__ = ("by_engine", "held", "lineage")
 
-    def __init__(self) -> None:
+    def __init__(self, lineage: OrderedDict[Hashable, tuple[int, Hashable]] | None = None):
         # engine (vLLM) block hash -> router chained hash, in insertion order (for the bound)
         self.by_engine: OrderedDict[Hashable, int] = OrderedDict()
         # router hash -> how many engine blocks carry it (LoRA/salt variants share tokens)
         self.held: dict[int, int] = {}
+        # engine hash -> (router hash, parent engine hash) of every block ever
+        # announced: survives a clear after lost events, so a block announced
+        # later on an old prefix can still be placed in its chain.
+        self.lineage: OrderedDict[Hashable, tuple[int, Hashable]] = (
+            lineage if lineage is not None else OrderedDict())
 
     def add(self, engine_hash: Hashable, router_hash: int) -> None:
         old = self.by_engine.get(engine_hash)
@@ -151,8 +166,17 @@ class PreciseIndex:
     A block whose parent the index never saw (events lost before we
     subscribed) cannot be placed in a chain and is ignored.
 
+    A stored block's ancestors are in the worker's cache at that moment
+    (vLLM caches a block only for a request that holds its prefix), so a
+    block chained on a parent dropped by a clear puts that parent's chain
+    back, from the lineage the clear kept.
+
     Bounded as a safety net for lost `BlockRemoved` events: past
     `max_blocks_per_worker` the oldest stored blocks are forgotten.
+
+    `feeds` holds each worker's event feed; `trusted(worker, now)` says
+    whether the precise view of that worker may be believed. `on_event`, if
+    set, is told in one sentence about a feed's gap, recovery or death.
     """
 
     def __init__(self, block_size: int, max_blocks_per_worker: int = 1 << 18):
@@ -163,12 +187,26 @@ class PreciseIndex:
         self._workers: dict[str, _WorkerBlocks] = {}
         self.events_applied = 0
         self.blocks_skipped = 0
+        self.feeds: dict[str, Feed] = {}
+        self.on_event: Callable[[str], None] | None = None
 
-    def apply(self, worker_id: str, event: dict[str, Any]) -> None:
-        """Apply one decoded event: a dict with "type" and vLLM's field names."""
+    def notify(self, message: str) -> None:
+        if self.on_event is not None:
+            self.on_event(message)
+
+    def trusted(self, worker_id: str, now: float) -> bool:
+        feed = self.feeds.get(worker_id)
+        return feed is not None and feed.trusted(now)
+
+    def apply(self, worker_id: str, event: dict[str, Any]) -> str | None:
+        """Apply one decoded event (a dict with "type" and vLLM's field names).
+
+        Returns None when applied, else why not (the subscriber counts it).
+        """
         kind = event.get("type")
+        why: str | None = None
         if kind == "BlockStored":
-            self._stored(worker_id, event)
+            why = self._stored(worker_id, event)
         elif kind == "BlockRemoved":
             wb = self._workers.get(worker_id)
             if wb is not None:
@@ -177,38 +215,68 @@ class PreciseIndex:
         elif kind == "AllBlocksCleared":
             self.clear(worker_id)
         else:
-            return
-        self.events_applied += 1
+            return f"unknown event type {kind!r}"
+        if why is None:
+            self.events_applied += 1
+        return why
 
-    def _stored(self, worker_id: str, ev: dict[str, Any]) -> None:
+    def _stored(self, worker_id: str, ev: dict[str, Any]) -> str | None:
         group = ev.get("group_idx")
         if group not in (None, 0):
-            return  # hybrid models: only the first (full attention) group is indexed
+            return None  # hybrid models: only the first (full attention) group is indexed
         engine_hashes = ev.get("block_hashes") or []
         tokens = ev.get("token_ids") or []
         size = int(ev.get("block_size") or self.block_size)
         if size != self.block_size:
             # Token-exact matching needs the router's blocks to equal the engine's.
             self.blocks_skipped += len(engine_hashes)
-            return
+            return f"block size {size}, router uses {self.block_size}"
         wb = self._workers.setdefault(worker_id, _WorkerBlocks())
         parent_engine = ev.get("parent_block_hash")
+        parent_key: Hashable = None
         if parent_engine is None:
             parent: int | None = None
         else:
-            parent = wb.by_engine.get(_key(parent_engine))
+            parent_key = _key(parent_engine)
+            parent = wb.by_engine.get(parent_key)
+            if parent is None:
+                parent = self._restore_chain(wb, parent_key)
             if parent is None:
                 self.blocks_skipped += len(engine_hashes)
-                return
+                return "parent block never announced"
+        why = None
         for i, eh in enumerate(engine_hashes):
             block = tokens[i * size : (i + 1) * size]
             if len(block) < size:
                 self.blocks_skipped += len(engine_hashes) - i
+                why = "partial block"
                 break
             parent = chain_hash(parent, block)
-            wb.add(_key(eh), parent)
+            key = _key(eh)
+            wb.add(key, parent)
+            wb.lineage[key] = (parent, parent_key)
+            wb.lineage.move_to_end(key)
+            parent_key = key
         while len(wb.by_engine) > self.max_blocks_per_worker:
             wb.evict_oldest()
+        while len(wb.lineage) > self.max_blocks_per_worker:
+            wb.lineage.popitem(last=False)
+        return why
+
+    @staticmethod
+    def _restore_chain(wb: _WorkerBlocks, engine_key: Hashable) -> int | None:
+        """Mark a known block and its known ancestors held again; its router hash."""
+        known = wb.lineage.get(engine_key)
+        if known is None:
+            return None
+        key: Hashable = engine_key
+        while key is not None and key not in wb.by_engine:
+            entry = wb.lineage.get(key)
+            if entry is None:
+                break
+            wb.add(key, entry[0])
+            key = entry[1]
+        return known[0]
 
     def match(self, worker_id: str, hashes: Sequence[int]) -> int:
         wb = self._workers.get(worker_id)
@@ -218,10 +286,13 @@ class PreciseIndex:
         return {w: self.match(w, hashes) for w in worker_ids}
 
     def clear(self, worker_id: str) -> None:
-        if worker_id in self._workers:
-            self._workers[worker_id] = _WorkerBlocks()
+        """Forget what the worker holds; keep how its blocks chain (see `_stored`)."""
+        wb = self._workers.get(worker_id)
+        if wb is not None:
+            self._workers[worker_id] = _WorkerBlocks(wb.lineage)
 
     def remove_worker(self, worker_id: str) -> None:
+        """The worker left or restarted: its cache and its engine's hashes are gone."""
         self._workers.pop(worker_id, None)
 
     def size(self, worker_id: str) -> int:

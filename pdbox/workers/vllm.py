@@ -186,10 +186,17 @@ def _ledger_from_files(profile: Profile, role: str, model_path: str,
 
 
 def kv_events_config(wid: str, port: int) -> dict[str, object]:
+    # The replay socket lets the router's subscriber recover batches it lost
+    # (a sequence gap) instead of clearing the worker's prefix index.
+    from pdbox.router.kv_events import REPLAY_BUFFER_STEPS, replay_endpoint_for
+
+    endpoint = f"tcp://127.0.0.1:{port}"
     return {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
-        "endpoint": f"tcp://127.0.0.1:{port}",
+        "endpoint": endpoint,
+        "replay_endpoint": replay_endpoint_for(endpoint),
+        "buffer_steps": REPLAY_BUFFER_STEPS,
         "topic": f"kv@{wid}",
     }
 
