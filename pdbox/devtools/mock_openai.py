@@ -4,11 +4,14 @@ It speaks enough of vLLM's API for pdbox's router to treat it as a worker:
 
 - ``GET /health``, ``GET /v1/models``, ``GET /metrics`` (vLLM's gauge and
   counter names: requests running/waiting from its own in-flight count, KV
-  use, prompt/generation tokens, prefix-cache queries/hits, NIXL transfers);
+  use, prompt/generation tokens, prefix-cache queries/hits, NIXL transfers;
+  and vLLM's latency histograms, TTFT, inter-token latency, queue, prefill
+  and end-to-end time, from what it really did);
 - ``POST /v1/completions`` and ``POST /v1/chat/completions``, streamed as
   vLLM streams them (one SSE chunk per token, a final chunk with
   ``finish_reason``, optional usage chunk, ``data: [DONE]``) or not, after a
-  configurable time to first token and inter-token delay;
+  configurable time to first token and inter-token delay (kept on an
+  absolute schedule, so a 0.5 ms delay really gives 2,000 tokens/s);
 - the NixlConnector's ``kv_transfer_params`` handshake: a request with
   ``do_remote_decode`` is answered with ``remote_block_ids``,
   ``remote_engine_id``, host and port, as a prefill worker does; a request
@@ -43,6 +46,9 @@ from typing import Any
 
 from aiohttp import web
 
+from pdbox.router.engine_stats import ENGINE_HISTOGRAMS
+from pdbox.router.metrics import Histogram
+
 COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")
 CHARS_PER_TOKEN = 4  # prompt tokens are estimated from characters, as pdbox's fallback does
 
@@ -58,6 +64,7 @@ class MockConfig:
     max_num_seqs: int = 256  # in-flight requests beyond this count as waiting
     kv_blocks: int = 4096  # KV blocks in the "cache", for vllm:kv_cache_usage_perc
     engine_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    per_request_metrics: bool = False  # answer `metrics` as vLLM's --enable-per-request-metrics
     side_channel_port: int = 5600
 
 
@@ -110,6 +117,10 @@ class MockStats:
     by_path: dict[str, int] = field(default_factory=dict)
 
 
+def _engine_histograms() -> dict[str, Histogram]:
+    return {key: Histogram(name, "mock") for key, name in ENGINE_HISTOGRAMS.items()}
+
+
 class MockServer:
     """One mock worker. Use in-process (`async with MockServer(cfg) as m: m.url`) or via the CLI."""
 
@@ -118,6 +129,7 @@ class MockServer:
         self.config = config or MockConfig()
         self.faults = faults or Faults()
         self.stats = MockStats()
+        self.engine = _engine_histograms()  # what vLLM's engine would have observed
         self.seen: deque[dict[str, Any]] = deque(maxlen=keep_requests)
         self._blocks: OrderedDict[int, None] = OrderedDict()  # the "prefix cache"
         self._next_block = 0
@@ -200,6 +212,8 @@ class MockServer:
             lines += [f"# HELP {name} mock", f"# TYPE {name} histogram",
                       f'{name}_bucket{{engine="0",le="+Inf",model_name="{c.model}"}} {float(count)}',
                       f"{name}_count{lbl} {float(count)}", f"{name}_sum{lbl} {float(total)}"]
+        for h in self.engine.values():
+            lines += h.render()
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     async def set_faults(self, request: web.Request) -> web.Response:
@@ -218,6 +232,7 @@ class MockServer:
 
     async def reset(self, request: web.Request) -> web.Response:
         self.stats = MockStats()
+        self.engine = _engine_histograms()
         self.faults = Faults()
         self.seen.clear()
         self._blocks.clear()
@@ -272,6 +287,7 @@ class MockServer:
     async def _answer(self, request: web.Request, body: dict[str, Any],
                       faults: Faults | None, held: list[int]) -> web.StreamResponse:
         c, s = self.config, self.stats
+        started = time.monotonic()
         chat = request.path.endswith("/chat/completions")
         prompt = _prompt_text(body, chat)
         n_prompt = max(1, math.ceil(len(prompt) / CHARS_PER_TOKEN))
@@ -309,12 +325,17 @@ class MockServer:
         headers = {"x-request-id": request.headers.get("X-Request-Id", rid)}
         if c.ttft_ms > 0:
             await asyncio.sleep(c.ttft_ms / 1000)
+        first = time.monotonic()
         reset_after = faults.fail_after_chunks if faults is not None else None
         if body.get("stream") is True:
-            return await self._stream(request, body, chat, rid, created, n_prompt, n_out,
+            resp = await self._stream(request, body, chat, rid, created, n_prompt, n_out,
                                       headers, reset_after)
+            self._observe(started, first, time.monotonic(), n_out)
+            return resp
         if c.itl_ms > 0 and n_out > 1:
             await asyncio.sleep(c.itl_ms * (n_out - 1) / 1000)
+        end = time.monotonic()
+        self._observe(started, first, end, n_out)
         text = "".join(_token(i) for i in range(n_out))
         usage = {"prompt_tokens": n_prompt, "total_tokens": n_prompt + n_out,
                  "completion_tokens": n_out, "prompt_tokens_details": None}
@@ -328,9 +349,15 @@ class MockServer:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length",
                       "stop_reason": None, "prompt_logprobs": None}
             obj = "text_completion"
-        payload = json.dumps({"id": rid, "object": obj, "created": created, "model": c.model,
-                              "choices": [choice], "usage": usage,
-                              "kv_transfer_params": kv_out}).encode()
+        answer: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": c.model,
+                                  "choices": [choice], "usage": usage, "kv_transfer_params": kv_out}
+        if c.per_request_metrics:
+            answer["metrics"] = {
+                "time_to_first_token_ms": (first - started) * 1000, "queue_time_ms": 0.0,
+                "generation_time_ms": (end - first) * 1000,
+                "mean_itl_ms": (end - first) * 1000 / (n_out - 1) if n_out > 1 else None,
+                "tokens_per_second": n_out / (end - started) if end > started else None}
+        payload = json.dumps(answer).encode()
         s.generation_tokens += n_out
         if reset_after is not None:
             # Headers and part of the body, then a reset: a worker dying mid-answer.
@@ -379,19 +406,35 @@ class MockServer:
         chunks.append("data: [DONE]\n\n")
         delay = c.itl_ms / 1000
         first_token = 1 if chat else 0  # the role chunk goes out with the first token
+        t_first = time.monotonic()
         for i, chunk in enumerate(chunks):
             if reset_after is not None and i >= reset_after:
                 s.failed += 1
                 _reset(request)
                 return resp
-            if delay > 0 and i > first_token and i <= first_token + n_out - 1:
-                await asyncio.sleep(delay)
+            k = i - first_token  # which token this chunk carries
+            if delay > 0 and 0 < k < n_out:
+                # An absolute schedule: a late wake-up is caught up, not added up,
+                # so the rate holds even below the event loop's timer resolution.
+                wait = t_first + k * delay - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
             await resp.write(chunk.encode())
             if i >= first_token and i < first_token + n_out:
                 s.generation_tokens += 1
         await resp.write_eof()
         s.completed += 1
         return resp
+
+    def _observe(self, started: float, first: float, end: float, n_out: int) -> None:
+        """Feed the engine histograms as vLLM would: no queue here, prefill is the TTFT."""
+        e = self.engine
+        e["queue"].observe(0.0)
+        e["prefill"].observe(first - started)
+        e["ttft"].observe(first - started)
+        if n_out > 1:
+            e["itl"].observe((end - first) / (n_out - 1), weight=n_out - 1)
+        e["e2e"].observe(end - started)
 
     def _cache(self, prompt: str) -> int:
         """Record the prompt's blocks like vLLM's prefix cache; count hits. Returns the blocks."""

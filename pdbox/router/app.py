@@ -25,11 +25,13 @@ from pdbox.config import Profile, parse_core_set
 from pdbox.router import openai_errors as oe
 from pdbox.router.admission import Admission, QueueFull
 from pdbox.router.backends import Backend, Registry
-from pdbox.router.kv_events import render_prometheus
-from pdbox.router.metrics import Counter, Gauge, Histogram
+from pdbox.router.engine_stats import ENGINE_WINDOW_S, engine_figures
+from pdbox.router.metrics import RATE_WINDOW_S, RouterMetrics, answer_figures
 from pdbox.router.pd import PrefillFailed, decode_body, prefill_leg
 from pdbox.router.policy import NoWorker, PDDecider, Picker
 from pdbox.router.prefix_index import ApproxIndex, PreciseIndex, block_hashes
+from pdbox.router.sse_meter import SseMeter, wants_usage, with_usage
+from pdbox.router.tokenize import template_kwargs
 
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 BATCH_VLLM_PRIORITY = 10  # vLLM: lower value is served first
@@ -52,36 +54,6 @@ class Decision:
             "pd": self.pd, "reason": self.reason, "prompt_tokens": self.prompt_tokens,
             "matched_tokens": self.matched_tokens, "ts": self.ts,
         }
-
-
-class RouterMetrics:
-    def __init__(self) -> None:
-        self.requests = Counter("pdbox_requests_total", "Requests by outcome.")
-        self.ttft = Histogram("pdbox_ttft_seconds", "Time to first token seen by the router.")
-        self.itl = Histogram("pdbox_itl_seconds", "Time between streamed chunks.")
-        self.e2e = Histogram("pdbox_e2e_seconds", "Request latency, end to end.")
-        self.routed = Counter("pdbox_routed_total", "Requests routed, by worker and leg.")
-        self.prefix_tokens = Counter("pdbox_prefix_match_tokens_total",
-                                     "Prompt tokens the chosen decode worker already held.")
-        self.prompt_tokens = Counter("pdbox_prompt_tokens_total", "Prompt tokens routed.")
-        self.output_chunks = Counter("pdbox_output_chunks_total", "Streamed chunks (≈ tokens).")
-        self.pd = Counter("pdbox_pd_total", "P/D decisions: remote prefill or local.")
-        self.fallbacks = Counter("pdbox_fallbacks_total",
-                                 "Remote prefills that fell back to local prefill, by cause.")
-        self.retries = Counter("pdbox_retries_total", "Requests retried on another worker.")
-        self.rejected = Counter("pdbox_rejected_total", "Requests answered 429 (queue full).")
-        self.kv_xfer_failures = Gauge("pdbox_worker_nixl_failed_transfers",
-                                      "NIXL transfers that failed, per worker (from vLLM).")
-        self.inflight = Gauge("pdbox_inflight", "Requests in flight, per worker.")
-        self.queued = Gauge("pdbox_queued", "Requests waiting in the router's admission queue.")
-
-    def render(self) -> str:
-        lines: list[str] = []
-        for m in (self.requests, self.ttft, self.itl, self.e2e, self.routed, self.prefix_tokens,
-                  self.prompt_tokens, self.output_chunks, self.pd, self.fallbacks, self.retries,
-                  self.rejected, self.kv_xfer_failures, self.inflight, self.queued):
-            lines += m.render()
-        return "\n".join(lines) + "\n"
 
 
 class Router:
@@ -113,9 +85,6 @@ class Router:
         )
         self.approx = ApproxIndex(r.index_blocks_per_worker)
         self.precise = PreciseIndex(self.block_size) if r.kv_events else None
-        if self.precise is not None and events is not None:
-            # Gaps, replays and dead KV-event streams go to the TUI's Events pane.
-            self.precise.on_event = lambda message: events("kv", message)
         # An interactive request expected to wait more than half its TTFT target
         # (the other half is for prefill and the first token) is refused at once
         # rather than queued to miss it.
@@ -125,8 +94,6 @@ class Router:
         self.metrics = RouterMetrics()
         self.decisions: deque[Decision] = deque(maxlen=50)
         self._xfer_seen: dict[tuple[str, ...], tuple[float, ...]] = {}
-        # request id -> (worker, prompt block hashes, sent at): KV events due once prefilled
-        self._awaiting_events: dict[str, tuple[str, list[int], float]] = {}
         self.events = events
         self.session: aiohttp.ClientSession | None = None
         self._upstream_timeout = aiohttp.ClientTimeout(total=r.request_timeout_s, sock_connect=5)
@@ -193,8 +160,7 @@ class Router:
                 self.metrics.kv_xfer_failures.set(
                     b.metrics["vllm:nixl_num_failed_transfers_total"], worker=b.id)
         self.metrics.queued.set(self.admission.queued)
-        kv = "\n".join(render_prometheus(self.precise.feeds)) + "\n" if self.precise else ""
-        return web.Response(text=self.metrics.render() + kv,
+        return web.Response(text=self.metrics.render(),
                             content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 
@@ -206,15 +172,27 @@ class Router:
 
     # ------------------------------------------------------------- request
 
-    def _tokens(self, body: dict[str, Any], kind: str) -> list[int]:
+    def _prompts(self, body: dict[str, Any], kind: str) -> list[tuple[Any, int]]:
+        """Each prompt of the request as (ids, tokens), as vLLM would see it.
+
+        A completions `prompt` may be a string, a list of strings, a list of
+        token ids or a list of such lists; vLLM serves each prompt of a list as
+        its own request, so each has the whole context to itself. Token ids
+        given by the client are tokens even where the router hashes characters.
+        """
         if kind == "chat":
-            return self.tokenizer.encode_chat(body["messages"])
+            ids = self.tokenizer.encode_chat(body["messages"], **template_kwargs(body))
+            return [(ids, int(len(ids) / self.units))]
         p = body["prompt"]
-        if isinstance(p, str):
-            return self.tokenizer.encode_prompt(p)
-        if p and isinstance(p[0], int):
-            return list(p)
-        return self.tokenizer.encode_prompt("".join(p))
+        items = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p
+        out: list[tuple[Any, int]] = []
+        for item in items:
+            if isinstance(item, str):
+                ids = self.tokenizer.encode_prompt(item)
+                out.append((ids, int(len(ids) / self.units)))
+            else:
+                out.append((list(item), len(item)))
+        return out
 
     def _priority(self, request: web.Request, body: dict[str, Any]) -> str:
         h = request.headers.get("x-pdbox-priority", "").strip().lower()
@@ -240,15 +218,22 @@ class Router:
                                     param="model", code="model_not_found")
             priority = self._priority(request, body)
             try:
-                tokens = self._tokens(body, kind)
+                prompts = self._prompts(body, kind)
             except Exception as exc:  # a template error is the client's input, not a crash
                 raise oe.BadRequest(400, f"Could not tokenize the request: {exc}.") from None
-            n_prompt = int(len(tokens) / self.units)
-            if n_prompt >= self.max_model_len or n_prompt + (max_tokens or 0) > self.max_model_len:
-                raise oe.BadRequest(
-                    400, f"The prompt has {n_prompt} tokens; with max_tokens "
-                    f"{max_tokens or 0} it exceeds this model's context of {self.max_model_len}.",
-                    param="messages" if kind == "chat" else "prompt")
+            for i, (_, n_prompt) in enumerate(prompts):
+                if n_prompt >= self.max_model_len or \
+                        n_prompt + (max_tokens or 0) > self.max_model_len:
+                    which = f"prompt {i} has" if len(prompts) > 1 else "prompt has"
+                    raise oe.BadRequest(
+                        400, f"The {which} {n_prompt} tokens; with max_tokens "
+                        f"{max_tokens or 0} it exceeds this model's context of "
+                        f"{self.max_model_len}.",
+                        param="messages" if kind == "chat" else "prompt")
+            # Routing follows the first prompt (a batch usually shares its prefix);
+            # admission weighs them all.
+            tokens = prompts[0][0]
+            est_tokens = sum(len(ids) for ids, _ in prompts)
         except oe.BadRequest as exc:
             self.metrics.requests.inc(outcome="bad_request")
             return oe.from_exc(exc)
@@ -262,8 +247,10 @@ class Router:
         else:
             body.pop("priority", None)
 
+        key = object()  # the autoscaler's mean wait reads the oldest waiter's age
+        self.metrics.waiting_since[key] = time.monotonic()
         try:
-            ticket = await self.admission.acquire(priority, len(tokens))
+            ticket = await self.admission.acquire(priority, est_tokens)
         except QueueFull as exc:
             self.metrics.rejected.inc()
             self.metrics.requests.inc(outcome="rejected")
@@ -273,6 +260,9 @@ class Router:
                 429, "pdbox is saturated; retry later.", "rate_limit_exceeded",
                 headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s))),
                          "retry-after-ms": str(max(1, round(exc.retry_after_s * 1000)))})
+        finally:
+            self.metrics.waiting_since.pop(key, None)
+        self.metrics.admission_wait.observe(ticket.waited_s, time.monotonic())
         try:
             return await self._route(request, body, kind, tokens, t0)
         finally:
@@ -336,26 +326,11 @@ class Router:
             self.approx.blocks_per_worker = min(sizes)
 
     def _match(self, ids: list[str], hashes: list[int]) -> dict[str, int]:
-        """Leading blocks each worker holds: from its KV events while their feed is
-        healthy (they see evictions), else from what the router sent it."""
         m = self.approx.match_all(ids, hashes)
         if self.precise is not None:
-            now = time.monotonic()
-            for wid in ids:
-                if self.precise.trusted(wid, now):
-                    m[wid] = self.precise.match(wid, hashes)
+            for wid, n in self.precise.match_all(ids, hashes).items():
+                m[wid] = max(m.get(wid, 0), n)
         return m
-
-    def _blocks_cached(self, request_id: str) -> None:
-        """A request's prefill is done on a worker: if its index lacks the prompt's
-        blocks, that worker's KV events about them are due (a silent feed is dead)."""
-        sent = self._awaiting_events.pop(request_id, None)
-        if sent is None or self.precise is None:
-            return
-        wid, hashes, since = sent
-        feed = self.precise.feeds.get(wid)
-        if feed is not None and self.precise.match(wid, hashes) < len(hashes):
-            feed.expect(since, time.monotonic())
 
     async def _run(self, request: web.Request, body: dict[str, Any], kind: str,
                    tokens: list[int], hashes: list[int], decode: Backend, matched_tokens: int,
@@ -368,7 +343,11 @@ class Router:
         pd = "aggregated"
         reason = pick_reason
         uncached = int(len(tokens) / self.units) - matched_tokens
-        if self.profile.is_pd and decode.role == "decode":
+        batch = _prompt_count(body)
+        if self.profile.is_pd and decode.role == "decode" and batch > 1:
+            # kv_transfer_params name one request's blocks; a batch prefills where it decodes.
+            pd, reason, prefill_id = "local", f"local: a batch of {batch} prompts", None
+        elif self.profile.is_pd and decode.role == "decode":
             prefills = self.registry.of_roles(("prefill",))
             if prefills:
                 pm = self._match([b.id for b in prefills], hashes)
@@ -385,8 +364,7 @@ class Router:
             if dec.remote and prefill is not None:
                 prefill.inflight += 1
                 # The decider times the leg net of the prefills already queued there.
-                leg_sent = time.monotonic()
-                self.decider.prefill_sent(prefill.id, request_id, uncached, leg_sent)
+                self.decider.prefill_sent(prefill.id, request_id, uncached, time.monotonic())
                 leg_ok = False
                 try:
                     kv_params = await prefill_leg(self.session, prefill.url, path, body, request_id,
@@ -394,8 +372,6 @@ class Router:
                     leg_ok = True
                     self.metrics.routed.inc(worker=prefill.id, leg="prefill")
                     self.approx.record(prefill.id, hashes)
-                    self._awaiting_events[request_id] = (prefill.id, hashes, leg_sent)
-                    self._blocks_cached(request_id)
                 except PrefillFailed as exc:
                     self.metrics.fallbacks.inc(cause=_cause(str(exc)))
                     pd = "local"
@@ -428,7 +404,6 @@ class Router:
             headers["x-pdbox-prefill-worker"] = prefill_id
         decode.inflight += 1
         decode.routed += 1
-        self._awaiting_events[request_id] = (decode.id, hashes, time.monotonic())
         try:
             return await self._decode_leg(request, body, kv_params, decode, path, headers,
                                           request_id, decision, hashes, uncached, t0, last_try)
@@ -436,7 +411,6 @@ class Router:
             decode.inflight -= 1
             # No first token seen (not streamed, failed): end its backlog entry unlearnt.
             self.decider.prefill_done(decode.id, request_id, time.monotonic(), ok=False)
-            self._awaiting_events.pop(request_id, None)
 
     async def _decode_leg(self, request: web.Request, body: dict[str, Any],
                           kv_params: dict[str, Any] | None, decode: Backend, path: str,
@@ -445,10 +419,14 @@ class Router:
                           ) -> web.StreamResponse | None:
         assert self.session is not None
         stream = bool(body.get("stream"))
+        # A stream's usage chunk is its exact token count: ask for it, and drop it
+        # again on the way back when the client did not ask (_relay).
+        strip_usage = stream and not wants_usage(body)
+        sent = with_usage(body) if strip_usage else body
         try:
             # Bytes: a str body costs aiohttp an extra payload wrapper per request.
             upstream = await self.session.post(
-                f"{decode.url}{path}", data=json.dumps(decode_body(body, kv_params)).encode(),
+                f"{decode.url}{path}", data=json.dumps(decode_body(sent, kv_params)).encode(),
                 headers={"Content-Type": "application/json", "X-Request-Id": request_id},
                 timeout=self._upstream_timeout)
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -473,20 +451,44 @@ class Router:
                     self.metrics.requests.inc(outcome="error")
                     return oe.error_response(502, f"Worker {decode.id} failed: {exc}.",
                                              "upstream_error", headers=headers)
-                elapsed = time.monotonic() - t0
                 ok = upstream.status == 200
                 self.metrics.requests.inc(outcome="ok" if ok else "upstream_error")
                 if ok:
-                    self.metrics.e2e.observe(elapsed, time.monotonic())
-                    self._blocks_cached(request_id)
+                    self._record_answer(decode, data, t0)
                 return web.Response(body=data, status=upstream.status, headers=headers,
                                     content_type=upstream.content_type or "application/json")
-            return await self._relay(request, upstream, decode, headers, decision, uncached, t0)
+            return await self._relay(request, upstream, decode, headers, decision, uncached, t0,
+                                     strip_usage)
+
+    def _record_answer(self, decode: Backend, data: bytes, t0: float) -> None:
+        """A non-streamed answer feeds the figures a stream feeds: e2e, tokens and TTFT."""
+        now = time.monotonic()
+        e2e = now - t0
+        self.metrics.e2e.observe(e2e, now)
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            return
+        itl = decode.engine_itl_s(now - ENGINE_WINDOW_S)
+        if itl is None:
+            itl = self.metrics.itl.percentile(0.5, now - ENGINE_WINDOW_S)
+        tokens, ttft, source = answer_figures(answer, e2e, itl)
+        self.metrics.add_tokens(tokens, now)
+        if ttft is not None:
+            self._observe_ttft(ttft, now, source)
+
+    def _observe_ttft(self, ttft: float, now: float, source: str) -> None:
+        self.metrics.ttft.observe(ttft, now)
+        self.metrics.ttft_source.inc(source=source)
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
                      decode: Backend, headers: dict[str, str], decision: Decision,
-                     uncached: int, t0: float) -> web.StreamResponse:
-        """Pass an SSE stream through chunk by chunk, timing TTFT and ITL on the way.
+                     uncached: int, t0: float, strip_usage: bool = False) -> web.StreamResponse:
+        """Pass an SSE stream through event by event, timing TTFT and ITL on the way.
+
+        Tokens are counted per SSE event (sse_meter.py), never per network
+        read; a read's gap since the previous one is spread over the tokens it
+        carried. The usage chunk at the end makes the count exact.
 
         A failure reading the worker ends the stream with an error event (the
         status line went out long ago); a failure writing to the client means
@@ -498,7 +500,7 @@ class Router:
         resp.headers["Cache-Control"] = "no-cache"
         first: float | None = None
         last = 0.0
-        chunks = 0
+        meter = SseMeter(strip_usage)
         content = upstream.content
         try:
             await resp.prepare(request)
@@ -511,20 +513,23 @@ class Router:
                 if not chunk:
                     break
                 now = time.monotonic()
-                n = chunk.count(b"data: ")
-                if n:
+                read = meter.feed(chunk)
+                if read.tokens:
                     if first is None:
                         first = now
-                        self.metrics.ttft.observe(now - t0, now)
+                        self._observe_ttft(now - t0, now, "stream")
                         self.decider.prefill_done(decode.id, decision.request_id, now)
-                        self._blocks_cached(decision.request_id)
                     else:
-                        gap = now - last
-                        self.metrics.itl.observe(gap, now)
+                        gap = (now - last) / read.tokens
+                        self.metrics.itl.observe(gap, now, weight=read.tokens)
                         self.decider.observe_itl(decode.id, gap)
                     last = now
-                    chunks += n
-                await resp.write(chunk)
+                    self.metrics.add_tokens(read.tokens, now)
+                if read.forward:
+                    await resp.write(read.forward)
+            rest = meter.close()
+            if rest:
+                await resp.write(rest)
             await resp.write_eof()
         except (ConnectionError, aiohttp.ClientConnectionError):
             self._client_left(upstream)
@@ -532,8 +537,10 @@ class Router:
         except asyncio.CancelledError:  # the client went away (handler cancellation)
             self._client_left(upstream)
             raise
-        self.metrics.output_chunks.inc(chunks)
-        self.metrics.e2e.observe(time.monotonic() - t0, time.monotonic())
+        now = time.monotonic()
+        # The usage chunk's count is exact; events counted one token each may fall short.
+        self.metrics.add_tokens(max(0, meter.total_tokens - meter.tokens), now)
+        self.metrics.e2e.observe(now - t0, now)
         self.metrics.requests.inc(outcome="ok")
         return resp
 
@@ -597,7 +604,7 @@ class Router:
         since = now - window_s
         m = self.metrics
         remote, local = m.pd.get(path="remote"), m.pd.get(path="local")
-        recent = [t for t, _ in m.e2e.recent if t >= now - 10]
+        finished = sum(w for t, _, w in m.e2e.recent if t >= now - RATE_WINDOW_S)
         xfer_ms = mbps = None
         tsum = tcnt = bsum = 0.0
         for b in self.registry.backends.values():
@@ -609,8 +616,10 @@ class Router:
             mbps = (bsum / 1e6) / tsum if tsum else None
         return {
             "requests_total": int(m.requests.total()),
-            "rps": len(recent) / 10.0,
-            "tokens_per_s": sum(1 for t, _ in m.itl.recent if t >= now - 10) / 10.0,
+            "rps": finished / RATE_WINDOW_S,
+            "tokens_per_s": m.tokens.per_s(now, RATE_WINDOW_S),
+            "rate_window_s": RATE_WINDOW_S,
+            "output_tokens_total": int(m.output_tokens.total()),
             "ttft_p50_s": m.ttft.percentile(0.5, since),
             "ttft_p99_s": m.ttft.percentile(0.99, since),
             "itl_p50_s": m.itl.percentile(0.5, since),
@@ -625,10 +634,30 @@ class Router:
             "nixl_mb_per_s": mbps,
             "policy": self.policy,
             "decider": self.decider.estimates(),
-            "kv_events": {wid: f.snapshot() for wid, f in sorted(self.precise.feeds.items())}
-            if self.precise is not None else {},
             "last_decisions": [d.to_dict() for d in list(self.decisions)[-10:]],
+            "engine": self.engine_snapshot(now),
         }
+
+    def engine_snapshot(self, now: float) -> dict[str, Any]:
+        """vLLM's own latency figures over the last ENGINE_WINDOW_S, per role and per worker."""
+        since = now - ENGINE_WINDOW_S
+        backends = self.registry.backends
+        roles: dict[str, Any] = {}
+        for role in sorted({b.role for b in backends.values()}):
+            group = {b.id: b.engine for b in backends.values() if b.role == role}
+            roles[role] = {**engine_figures(group, since),
+                           "waiting": sum(b.waiting for b in backends.values() if b.role == role)}
+        workers = {b.id: {**engine_figures({b.id: b.engine}, since), "waiting": b.waiting}
+                   for b in backends.values()}
+        return {"window_s": ENGINE_WINDOW_S, "roles": roles, "workers": workers}
+
+
+def _prompt_count(body: dict[str, Any]) -> int:
+    """How many prompts a request carries (a completions prompt may be a list of them)."""
+    p = body.get("prompt")
+    if isinstance(p, list) and p and not isinstance(p[0], int):
+        return len(p)
+    return 1
 
 
 def _header_safe(text: str) -> str:

@@ -2,7 +2,8 @@
 
 The registry is fed by whoever owns the workers: the supervisor in a managed
 box, or a fixed list of URLs in attach mode. A background task scrapes each
-ready worker's /metrics (queue, running, KV use, NIXL transfer figures); the
+ready worker's /metrics (queue, running, KV use, NIXL transfer figures, and
+vLLM's latency histograms as deltas per scrape: engine_stats.py); the
 router's own in-flight count is kept here too because it is always current.
 """
 
@@ -15,7 +16,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from pdbox.router.metrics import parse_vllm_metrics
+from pdbox.router.engine_stats import ENGINE_HISTOGRAMS, EngineWindow, summarize
+from pdbox.router.metrics import WANTED, parse_prometheus
 from pdbox.router.policy import WorkerView
 
 ROUTABLE = {"ready"}
@@ -38,6 +40,7 @@ class Backend:
     routed: int = 0
     kv_events_endpoint: str | None = None
     num_blocks: int = 0  # the worker's KV cache size in blocks, from vllm:cache_config_info
+    engine: EngineWindow = field(default_factory=EngineWindow)  # vLLM's histograms, per scrape
 
     @property
     def routable(self) -> bool:
@@ -54,6 +57,10 @@ class Backend:
             inflight=self.inflight,
             kv_usage=self.kv_usage,
         )
+
+    def engine_itl_s(self, since: float) -> float | None:
+        """The worker's mean inter-token latency since `since`, as its engine measured it."""
+        return summarize(self.engine.since("itl", since)).mean
 
     def prefix_hit_rate(self) -> float | None:
         q = self.metrics.get("vllm:prefix_cache_queries_total")
@@ -102,7 +109,11 @@ async def scrape_once(session: aiohttp.ClientSession, b: Backend, timeout: float
     except (TimeoutError, aiohttp.ClientError, OSError):
         b.scrape_errors += 1
         return
-    m = parse_vllm_metrics(text)
+    scrape = parse_prometheus(text, WANTED, ENGINE_HISTOGRAMS.values())
+    m = scrape.values
+    for name, h in scrape.histograms.items():  # their sums and counts, as plain series
+        m[f"{name}_sum"] = h.sum
+        m[f"{name}_count"] = h.count
     if not b.num_blocks:
         found = _NUM_BLOCKS.search(text)
         if found:
@@ -112,6 +123,7 @@ async def scrape_once(session: aiohttp.ClientSession, b: Backend, timeout: float
     b.running = int(m.get("vllm:num_requests_running", 0))
     b.kv_usage = float(m.get("vllm:kv_cache_usage_perc", 0.0))
     b.scraped_at = time.monotonic()
+    b.engine.update(b.scraped_at, scrape.histograms)
     b.scrape_errors = 0
 
 

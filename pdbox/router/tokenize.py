@@ -39,6 +39,93 @@ def _text_of(content: Any) -> Any:
     return content
 
 
+def _message(m: Message) -> dict[str, Any]:
+    """A message as vLLM hands it to the template: text parts joined, and an
+    assistant's tool-call arguments parsed from their JSON string into a dict
+    (what tool-use templates expect; vLLM's chat_utils does the same)."""
+    out = {**m, "content": _text_of(m.get("content"))}
+    calls = m.get("tool_calls")
+    if m.get("role") == "assistant" and isinstance(calls, list):
+        if not calls:
+            out.pop("tool_calls")
+            return out
+        fixed = []
+        for call in calls:
+            fn = call.get("function") if isinstance(call, Mapping) else None
+            if isinstance(fn, Mapping) and isinstance(fn.get("arguments"), str | type(None)):
+                try:
+                    args = json.loads(fn["arguments"]) if fn.get("arguments") else {}
+                except ValueError:
+                    args = {}
+                call = {**call, "function": {**fn, "arguments": args
+                                             if isinstance(args, dict) else {}}}
+            fixed.append(call)
+        out["tool_calls"] = fixed
+    return out
+
+
+def _tool(tool: Any) -> Any:
+    """A tool as vLLM dumps it for the template: type, then the function's name,
+    description and parameters (None when absent), strict only when given."""
+    if not isinstance(tool, Mapping) or not isinstance(tool.get("function"), Mapping):
+        return tool
+    fn = tool["function"]
+    out_fn = {"name": fn.get("name"), "description": fn.get("description"),
+              "parameters": fn.get("parameters")}
+    for key in ("strict", "defer_loading"):
+        if fn.get(key) is not None:
+            out_fn[key] = fn[key]
+        elif tool.get(key) is not None and key == "defer_loading":
+            out_fn[key] = tool[key]
+    out = {"type": tool.get("type", "function"), "function": out_fn}
+    if tool.get("defer_loading") is not None:
+        out["defer_loading"] = tool["defer_loading"]
+    return out
+
+
+def template_kwargs(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The template variables vLLM (0.32) renders a chat request with, beyond the messages.
+
+    As vLLM's `preprocess_chat` and `build_chat_params` do: `tools` (unless the
+    request has none), under the client's `chat_template_kwargs`, under the
+    request's own `add_generation_prompt`, `continue_final_message`,
+    `documents` and `reasoning_effort`; None and "auto" mean unset.
+    """
+    out: dict[str, Any] = {}
+    tools = body.get("tools")
+    if isinstance(tools, list) and tools:
+        out["tools"] = [_tool(t) for t in tools]
+    user = body.get("chat_template_kwargs")
+    if isinstance(user, Mapping):
+        out.update({k: v for k, v in user.items() if v is not None and v != "auto"})
+    request = {"add_generation_prompt": body.get("add_generation_prompt", True),
+               "continue_final_message": body.get("continue_final_message", False),
+               "documents": body.get("documents"),
+               "reasoning_effort": body.get("reasoning_effort")}
+    if body.get("reasoning_effort") is not None and not (
+            isinstance(user, Mapping) and "enable_thinking" in user):
+        request["enable_thinking"] = body["reasoning_effort"] != "none"
+    out.update({k: v for k, v in request.items() if v is not None and v != "auto"})
+    return out
+
+
+def _continue_final(template: Any, msgs: list[dict[str, Any]], kwargs: dict[str, Any]) -> str:
+    """Render so that the last message stays open, as transformers' apply_chat_template does."""
+    tag = "CONTINUE_FINAL_MESSAGE_TAG "
+    final = msgs[-1].get("content")
+    if not isinstance(final, str):
+        raise TokenizerError("continue_final_message is set but the final message has no text")
+    msgs = [*msgs[:-1], {**msgs[-1], "content": final + tag}]
+    rendered = template.render(messages=msgs, **kwargs)
+    loc = rendered.rfind(tag.strip())
+    if loc < 0:
+        raise TokenizerError("continue_final_message is set but the template drops the "
+                             "final message")
+    if rendered[loc:loc + len(tag)] == tag:
+        return rendered[:loc]
+    return rendered[:loc].rstrip()
+
+
 def _token_text(value: Any) -> str | None:
     if isinstance(value, Mapping):  # a serialised AddedToken
         return value.get("content")
@@ -98,8 +185,12 @@ class PromptTokenizer:
             raise TokenizerError("the model has no chat template")
         if self._template is None:
             self._template = _compile(self._template_src)
-        msgs = [{**m, "content": _text_of(m.get("content"))} for m in messages]
+        msgs = [_message(m) for m in messages]
         kwargs: dict[str, Any] = {"add_generation_prompt": True, **self.special, **extra}
+        kwargs.pop("chat_template", None)
+        kwargs.pop("tokenize", None)
+        if kwargs.pop("continue_final_message", False) and msgs:
+            return _continue_final(self._template, msgs, kwargs)
         return self._template.render(messages=msgs, **kwargs)
 
     def encode_chat(self, messages: Sequence[Message], **extra: Any) -> list[int]:
@@ -159,12 +250,14 @@ class CharBlockTokenizer:
         return False
 
     def render_chat(self, messages: Sequence[Message], **extra: Any) -> str:
-        del extra
-        return "".join(f"<|{m.get('role', '')}|>{_text_of(m.get('content')) or ''}\n"
-                       for m in messages)
+        # Tools are part of the real prompt, so they are part of this stand-in too.
+        tools = extra.get("tools")
+        head = f"<|tools|>{json.dumps(tools, sort_keys=True)}\n" if tools else ""
+        return head + "".join(f"<|{m.get('role', '')}|>{_text_of(m.get('content')) or ''}\n"
+                              for m in messages)
 
     def encode_chat(self, messages: Sequence[Message], **extra: Any) -> list[int]:
-        return self.encode_prompt(self.render_chat(messages))
+        return self.encode_prompt(self.render_chat(messages, **extra))
 
     def encode_prompt(self, prompt: str) -> Sequence[int]:
         # Code points as ids; UTF-32 decoding into an array is C-speed, about

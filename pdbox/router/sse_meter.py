@@ -1,0 +1,118 @@
+"""Counting the tokens of an OpenAI SSE stream as it passes through the router.
+
+A network read may hold several SSE events, or part of one; counting reads
+(or `data: ` strings, which include the role chunk, the usage chunk and
+`[DONE]`) is not counting tokens. The meter splits the stream into whole
+events and counts, per event, the choices that carry generated output. The
+stream's usage chunk, which the router asks the worker for when the client
+did not, gives the exact total at the end; the router then drops that chunk
+from the client's stream, so the client sees what it asked for.
+
+Pure code: bytes in, bytes and counts out.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+@dataclass
+class Read:
+    """What one network read held."""
+
+    forward: bytes  # the bytes to send on to the client (whole events only)
+    tokens: int  # token events among them
+
+
+def wants_usage(body: dict[str, Any]) -> bool:
+    opts = body.get("stream_options")
+    return isinstance(opts, dict) and opts.get("include_usage") is True
+
+
+def with_usage(body: dict[str, Any]) -> dict[str, Any]:
+    """The request as sent to the worker: a stream that ends with its usage chunk."""
+    opts = body.get("stream_options")
+    out = dict(body)
+    out["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+    return out
+
+
+def choice_tokens(choice: Any) -> int:
+    """1 when a streamed choice carries generated output (text, content, reasoning, a tool call).
+
+    vLLM sends one event per engine step and skips steps whose text is held
+    back (an incomplete UTF-8 sequence), so an event is one token in the
+    common case; the usage chunk corrects the total at the end.
+    """
+    if not isinstance(choice, dict):
+        return 0
+    if choice.get("text"):
+        return 1
+    delta = choice.get("delta")
+    if isinstance(delta, dict) and (delta.get("content") or delta.get("reasoning_content")
+                                    or delta.get("reasoning") or delta.get("tool_calls")):
+        return 1
+    return 0
+
+
+class SseMeter:
+    def __init__(self, strip_usage: bool = False) -> None:
+        self.strip_usage = strip_usage
+        self.tokens = 0  # token events counted so far
+        self.usage_tokens: int | None = None  # usage.completion_tokens, once seen
+        self.engine_metrics: dict[str, Any] | None = None  # vLLM per-request metrics, if sent
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> Read:
+        self._buf += chunk
+        out: list[bytes] = []
+        tokens = 0
+        start = 0
+        for m in _EVENT_END.finditer(self._buf):
+            event = self._buf[start:m.end()]
+            start = m.end()
+            n, keep = self._event(event)
+            tokens += n
+            if keep:
+                out.append(event)
+        self._buf = self._buf[start:]
+        self.tokens += tokens
+        return Read(b"".join(out), tokens)
+
+    def close(self) -> bytes:
+        """Whatever trails the last whole event (a stream cut short): passed on as is."""
+        rest, self._buf = self._buf, b""
+        return rest
+
+    @property
+    def total_tokens(self) -> int:
+        """The stream's completion tokens: its usage when it gave one, else the events counted."""
+        return self.usage_tokens if self.usage_tokens is not None else self.tokens
+
+    def _event(self, event: bytes) -> tuple[int, bool]:
+        data = b"".join(line[5:].lstrip(b" ") for line in event.splitlines()
+                        if line.startswith(b"data:"))
+        if not data or data == b"[DONE]":
+            return 0, True
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return 0, True
+        if not isinstance(obj, dict):
+            return 0, True
+        choices = obj.get("choices")
+        usage = obj.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            self.usage_tokens = usage["completion_tokens"]
+            if isinstance(obj.get("metrics"), dict):
+                self.engine_metrics = obj["metrics"]
+            if not choices:  # the usage chunk itself
+                return 0, not self.strip_usage
+        if not isinstance(choices, list):
+            return 0, True
+        return sum(choice_tokens(c) for c in choices), True
