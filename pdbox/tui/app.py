@@ -134,7 +134,8 @@ class PdboxApp(App[None]):
         table.apply(snap.get("workers") or [])
         self.router_panel.apply(snap.get("router"))
         self.hardware_panel.apply(snap.get("hardware"))
-        self.autoscaler_panel.apply(snap.get("autoscaler"))
+        self.autoscaler_panel.apply(snap.get("autoscaler"),
+                                    (snap.get("router") or {}).get("kv_events"))
         self.log_panel.add_events(snap.get("events") or [])
         chat = self.chat_pane
         if isinstance(snap.get("endpoint"), str):

@@ -1,4 +1,5 @@
-"""Desired against current replicas per role, pins, and the last decisions with reasons."""
+"""Desired against current replicas per role, pins, the last decisions with reasons,
+and the health of each worker's KV-event feed (what the prefix scorer believes)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,30 @@ def render_autoscaler(a: dict[str, Any]) -> Group:
     return Group(head, roles, Text(""), Text("last decisions", style="bold"), decisions)
 
 
+FEED_STYLE = {"ok": "green", "connecting": "yellow", "silent": "bold yellow",
+              "bind error": "bold red"}
+
+
+def render_kv_feeds(feeds: dict[str, Any]) -> Text:
+    """One line per worker: state, last seq, gaps (replayed / cleared), blocks, unapplied."""
+    out = Text("kv events", style="bold")
+    for wid, f in sorted(feeds.items()):
+        state = str(f.get("state") or fmt.NA)
+        out.append(f"\n{wid} ")
+        out.append(state, style=FEED_STYLE.get(state, ""))
+        out.append(f" seq {fmt.integer(f.get('last_seq'))}"
+                   f" · {fmt.integer(f.get('blocks'))} blocks", style="dim")
+        gaps = f.get("gaps") or 0
+        if gaps:
+            out.append(f" · gaps {gaps} ({f.get('replays') or 0} replayed, "
+                       f"{f.get('clears') or 0} cleared)", style="yellow")
+        if f.get("restarts"):
+            out.append(f" · restarts {f['restarts']}", style="dim")
+        if f.get("unapplied"):
+            out.append(f" · {f['unapplied']} unapplied", style="yellow")
+    return out
+
+
 class AutoscalerPanel(Static):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -49,9 +74,14 @@ class AutoscalerPanel(Static):
     def on_mount(self) -> None:
         self.border_title = "Autoscaler"
 
-    def apply(self, autoscaler: dict[str, Any] | None) -> None:
+    def apply(self, autoscaler: dict[str, Any] | None,
+              kv_feeds: dict[str, Any] | None = None) -> None:
         autoscaler = autoscaler or {}
-        if autoscaler == self._last:
+        state = (autoscaler, kv_feeds)
+        if state == self._last:
             return
-        self._last = autoscaler
-        self.update(render_autoscaler(autoscaler))
+        self._last = state
+        body = render_autoscaler(autoscaler)
+        if kv_feeds:
+            body = Group(body, Text(""), render_kv_feeds(kv_feeds))
+        self.update(body)

@@ -13,7 +13,7 @@ from textual.widgets import RichLog
 from pdbox.tui import format as fmt
 
 KIND_STYLE = {"error": "bold red", "scale": "cyan", "worker": "green", "policy": "magenta",
-              "tui": "blue"}
+              "tui": "blue", "kv": "yellow"}
 SEEN_MAX = 2000
 
 
