@@ -128,8 +128,22 @@ def _checks_on(up: UpProcess, timeout_s: float, extra: dict[str, Any]) -> list[C
     extra["pdbox"]["endpoint"] = endpoint
     control = ControlClient(info.control_url, info.token, endpoint=endpoint,
                             timeout_s=CONTROL_TIMEOUT_S)
-    return [CheckResult("up", True, f"ready at {endpoint} in {ready_s:.1f} s", ready_s)] \
-        + _run(endpoint, control, timeout_s)
+    # pdbox serves as soon as one worker can; the checks (P/D among them) need all.
+    deadline = t0 + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            workers = control.sync_status().get("workers", [])
+        except Exception:  # noqa: BLE001 - a slow answer is retried until the deadline
+            workers = []
+        if workers and all(w.get("state") == "ready" for w in workers):
+            break
+        time.sleep(1.0)
+    else:
+        return [CheckResult("up", False, f"{endpoint} serves, but not every worker was ready "
+                            f"within {timeout_s:g} s", time.monotonic() - t0)]
+    all_s = time.monotonic() - t0
+    return [CheckResult("up", True, f"serving at {endpoint} in {ready_s:.1f} s, every worker "
+                        f"ready in {all_s:.1f} s", ready_s)] + _run(endpoint, control, timeout_s)
 
 
 def _stop(up: UpProcess, results: list[CheckResult], extra: dict[str, Any]) -> None:

@@ -124,7 +124,9 @@ async def _run_headless(profile, run_dir: Path, host, port, attached, api_key) -
         done, _ = await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         if start in done:
             start.result()
-            click.echo(f"pdbox: ready. OpenAI endpoint: {app.endpoint}", err=True)
+            note = app.fleet.serving_note() if app.fleet else ""
+            click.echo(f"pdbox: ready. OpenAI endpoint: {app.endpoint}"
+                       + (f" (serving {note})" if note else ""), err=True)
             try:
                 # The endpoint alone on stdout, for scripts.
                 sys.stdout.write(app.endpoint + "\n")

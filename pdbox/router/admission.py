@@ -38,7 +38,11 @@ honour Retry-After):
   spread over the time capacity really frees instead of all coming back at once
   to be refused again;
 - the answer is capped at `max_retry_after_s` (60 s), the longest delay that
-  common SDKs honour; a longer one makes them retry at once or give up.
+  common SDKs honour; a longer one makes them retry at once or give up;
+- a client that comes back after a refusal (the openai SDKs say so with their
+  retry count) is queued, not refused again by the TTFT rule: its target is
+  missed already, and the queue is now the quickest way to its answer. The
+  queue bound still holds.
 
 The clock is injected, so tests drive arrival times without sleeping.
 """
@@ -145,14 +149,21 @@ class Admission:
         delay = self.batch_delay_s if priority == "batch" else 0.0
         return arrived + delay + cost
 
-    async def acquire(self, priority: str = "interactive", est_tokens: int = 0) -> Ticket:
+    async def acquire(self, priority: str = "interactive", est_tokens: int = 0,
+                      retried: bool = False) -> Ticket:
+        """A slot, after a wait in the queue; QueueFull (429) when refused.
+
+        `retried`: the client was refused before and came back as told. The TTFT
+        rule no longer refuses it: it has missed its target already, and a second
+        refusal would only push its answer later (and spend its retries).
+        """
         if priority not in PRIORITIES:
             raise ValueError(f"unknown priority {priority!r}; use interactive or batch")
         now = self.clock()
         ticket = Ticket(priority, est_tokens, now)
         if self._inflight < self.max_inflight and not self._heap and self._may_start(priority):
             return self._admit(ticket, now)
-        if priority == "interactive" and self.interactive_wait_s is not None:
+        if priority == "interactive" and self.interactive_wait_s is not None and not retried:
             expected = self.expected_wait_s(priority)
             if expected > self.interactive_wait_s:
                 self.rejected += 1

@@ -250,7 +250,8 @@ class Router:
         key = object()  # the autoscaler's mean wait reads the oldest waiter's age
         self.metrics.waiting_since[key] = time.monotonic()
         try:
-            ticket = await self.admission.acquire(priority, est_tokens)
+            ticket = await self.admission.acquire(priority, est_tokens,
+                                                  retried=_retried(request))
         except QueueFull as exc:
             self.metrics.rejected.inc()
             self.metrics.requests.inc(outcome="rejected")
@@ -672,3 +673,10 @@ def _cause(message: str) -> str:
     if "answered" in message:
         return "error"
     return "invalid"
+
+
+def _retried(request: web.Request) -> bool:
+    """The client says this is a retry of a request refused before (the openai and
+    other Stainless-generated SDKs send their retry count with every attempt)."""
+    raw = request.headers.get("x-stainless-retry-count", "").strip()
+    return raw.isdigit() and int(raw) > 0

@@ -372,15 +372,19 @@ class Supervisor:
         w.next_start_at = now + delay
         self._set(w, "restarting", f"{w.id} {why}; restarting in {delay:.0f}s")
 
-    async def wait_ready(self, ids: list[str] | None = None, timeout: float | None = None) -> None:
-        """Tick until the given workers are ready, or raise SupervisorError."""
+    async def wait_ready(self, ids: list[str] | None = None, timeout: float | None = None,
+                         any_of: list[str] | None = None) -> None:
+        """Tick until the given workers are ready (all of `ids`, default every one; or
+        one of `any_of`), or raise SupervisorError."""
         deadline = None if timeout is None else self.clock.now() + timeout
         while True:
             await self.tick()
             if self.fatal:
                 raise SupervisorError(self.fatal)
+            if any_of and any(self.workers[i].state == "ready" for i in any_of):
+                return
             ws = [self.workers[i] for i in (ids or list(self.workers))]
-            if all(w.state == "ready" for w in ws):
+            if not any_of and all(w.state == "ready" for w in ws):
                 return
             if deadline is not None and self.clock.now() > deadline:
                 raise SupervisorError("workers did not become ready in time")

@@ -93,7 +93,10 @@ class Pdbox:
             return ""
 
 
-def start_pdbox(tmp_path: Path, args: list[str], timeout: float = 900) -> Pdbox:
+def start_pdbox(tmp_path: Path, args: list[str], timeout: float = 900,
+                all_ready: bool = True) -> Pdbox:
+    """pdbox up --headless; returns once it serves and, with `all_ready`, once every
+    worker is ready (pdbox itself starts serving as soon as one worker can)."""
     home = tmp_path / "home"
     env = dict(os.environ, PDBOX_HOME=str(home), PDBOX_MODELS_DIR=models_dir())
     err = tmp_path / "pdbox.stderr"
@@ -104,7 +107,13 @@ def start_pdbox(tmp_path: Path, args: list[str], timeout: float = 900) -> Pdbox:
     )
     box = Pdbox(proc, home, stderr_path=err)
     try:
-        return _wait_endpoint(box, timeout)
+        t0 = time.monotonic()
+        _wait_endpoint(box, timeout)
+        if all_ready:
+            box.wait_worker(lambda s: s["workers"] and all(
+                w["state"] == "ready" for w in s["workers"]),
+                timeout=max(60.0, timeout - (time.monotonic() - t0)))
+        return box
     except BaseException:
         # Never leave a pdbox (and its workers) behind when the wait fails.
         stop_group(proc)

@@ -285,3 +285,30 @@ def test_a_starting_worker_counts_as_capacity_that_is_coming() -> None:
     assert fast._wait_for(20) == pytest.approx(5.0 + 19 * 10.0 / 10)
     fast.capacity_coming([(clock.t - 1.0, 8)])  # overdue: counts as there
     assert fast._wait_for(20) == pytest.approx(20.0)
+
+
+def test_a_retried_interactive_request_is_queued_not_refused_again() -> None:
+    clock = Clock()
+
+    async def go() -> None:
+        adm = Admission(queue_bound=4, max_inflight=1, clock=clock, prior_hold_s=30.0,
+                        interactive_wait_s=1.5)
+        held = await adm.acquire()
+        with pytest.raises(QueueFull):
+            await adm.acquire()
+        back = asyncio.create_task(adm.acquire(retried=True))
+        await asyncio.sleep(0)
+        assert adm.queued == 1 and not back.done()
+        adm.release(held)
+        adm.release(await back)
+        # The queue bound still holds for retried requests.
+        held = await adm.acquire()
+        waiting = [asyncio.create_task(adm.acquire(retried=True)) for _ in range(4)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await adm.acquire(retried=True)
+        adm.release(held)
+        for w in waiting:
+            adm.release(await w)
+
+    run(go())

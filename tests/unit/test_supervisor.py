@@ -217,6 +217,15 @@ def test_wait_ready_returns_once_all_are_ready(rig: Rig) -> None:
     assert rig.clock.now() == pytest.approx(3.0)
 
 
+def test_wait_ready_any_of_returns_with_the_first_ready(rig: Rig) -> None:
+    rig.sup.add(spec("prefill-0", 9001))
+    rig.sup.add(spec("decode-0", 9002))
+    rig.prober.health["decode-0"] = True
+    asyncio.run(rig.sup.wait_ready(any_of=["decode-0"]))
+    assert rig.sup.workers["decode-0"].state == "ready"
+    assert rig.sup.workers["prefill-0"].state == "starting"
+
+
 def test_wait_ready_times_out(rig: Rig) -> None:
     rig.sup.add(spec())
     with pytest.raises(SupervisorError, match="did not become ready in time"):

