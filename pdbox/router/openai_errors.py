@@ -88,6 +88,22 @@ def _check_parts(parts: list[Any], i: int) -> None:
                              param="messages")
 
 
+def _token_ids(p: Any) -> bool:
+    return isinstance(p, list) and bool(p) and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in p)
+
+
+def _is_prompt(p: Any) -> bool:
+    """What vLLM's completions endpoint takes: a string, a list of strings, a list of
+    token ids, or a list of token-id lists (each list one prompt of a batch)."""
+    if isinstance(p, str):
+        return True
+    if not isinstance(p, list) or not p:
+        return False
+    return (_token_ids(p) or all(isinstance(x, str) for x in p)
+            or all(_token_ids(x) for x in p))
+
+
 def validate(body: dict[str, Any], kind: str, max_model_len: int) -> int | None:
     """Check the fields the router relies on; return the requested max tokens."""
     model = body.get("model")
@@ -108,17 +124,10 @@ def validate(body: dict[str, Any], kind: str, max_model_len: int) -> int | None:
                                  param="messages")
             if isinstance(c, list):
                 _check_parts(c, i)
-    else:
-        p = body.get("prompt")
-        ok = isinstance(p, str) or (
-            isinstance(p, list) and p and (
-                all(isinstance(x, int) and not isinstance(x, bool) for x in p)
-                or all(isinstance(x, str) for x in p)
-            )
-        )
-        if not ok:
-            raise BadRequest(400, "'prompt' is required: a string, a list of strings or of "
-                             "token ids.", param="prompt")
+    elif not _is_prompt(body.get("prompt")):
+        raise BadRequest(400, "'prompt' is required: a string, a list of strings, a list of "
+                         "token ids or a list of token-id lists, none of them empty.",
+                         param="prompt")
     if "stream" in body and not isinstance(body["stream"], bool):
         raise BadRequest(400, "'stream' must be true or false.", param="stream")
     mt = _int_field(body, "max_tokens", 1, max_model_len)
