@@ -36,6 +36,8 @@ import psutil
 from pdbox.control_client import ControlClient, ControlError, sse_data
 
 NIXL_COUNT = "vllm:nixl_xfer_time_seconds_count"
+# Greedy tokens the P/D correctness check compares (remote P/D against the prefill worker).
+GREEDY_TOKENS = 16
 # Roles that answer clients; scaling one of them is what the scale check exercises.
 SERVING_ROLES = ("decode", "aggregated")
 GONE_STATES = ("draining", "stopped")
@@ -107,6 +109,13 @@ def sum_metric(text: str, name: str) -> float:
 def _preview(text: str, n: int = 40) -> str:
     text = " ".join(text.split())
     return repr(text if len(text) <= n else text[: n - 1] + "…")
+
+
+def _text(answer: Any) -> str:
+    try:
+        return str(answer["choices"][0]["text"])
+    except (KeyError, IndexError, TypeError):
+        raise CheckFailed(f"no completion text in {_preview(str(answer))}") from None
 
 
 def _worker_url(w: dict[str, Any]) -> str | None:
@@ -361,6 +370,77 @@ class Smoke:
                     f"reason: {reason}")
         raise CheckFailed("the router prefilled locally every time: " + " | ".join(reasons))
 
+    async def check_pd_greedy(self) -> str:
+        """A remote P/D answer is the answer: greedy tokens equal the prefill worker's own.
+
+        The prompt goes through the router until it is prefilled remotely, then
+        straight to the prefill worker that prefilled it, both at temperature 0
+        with `ignore_eos`, and the first GREEDY_TOKENS tokens must be equal. A
+        garbled KV transfer changes them. Each request runs with nothing else
+        in flight: on a CPU, bf16 results depend on the batch, so greedy
+        answers may part ways under load without anything being wrong.
+        """
+        if self.control is None:
+            raise CheckSkipped("no control API (the endpoint is not this PDBOX_HOME's pdbox)")
+        snap = await self._status()
+        if snap.get("mode") != "pd":
+            raise CheckSkipped("not a P/D profile")
+        prefills = {w["id"]: _worker_url(w) for w in snap.get("workers", [])
+                    if w.get("role") == "prefill" and w.get("state") == "ready"}
+        if not any(prefills.values()):
+            raise CheckFailed("no ready prefill worker in the status snapshot")
+        model = await self._model()
+        reasons: list[str] = []
+        words = 400
+        for attempt in range(1, 4):
+            await self._wait_idle()
+            body = {"model": model, "prompt": unique_text(words), "max_tokens": GREEDY_TOKENS,
+                    "temperature": 0, "ignore_eos": True}
+            status, headers, data = await self._post("/completions", body)
+            if status != 200:
+                raise CheckFailed(f"the greedy completion failed: {status} {_preview(str(data))}")
+            if headers.get("x-pdbox-pd") != "remote":
+                reasons.append(f"try {attempt} ({words} words): "
+                               f"{headers.get('x-pdbox-pd-reason') or 'no reason'}")
+                words = int(words * 1.6)
+                continue
+            pre = headers.get("x-pdbox-prefill-worker", "")
+            url = prefills.get(pre)
+            if not url:
+                raise CheckFailed(f"remote P/D through {pre!r}, a worker the status did not list")
+            await self._wait_idle()
+            async with self.http.post(f"{url}/v1/completions", json=body) as r:
+                alone = await r.json(content_type=None)
+                if r.status != 200:
+                    raise CheckFailed(f"{pre} alone answered {r.status}: {_preview(str(alone))}")
+            got, want = _text(data), _text(alone)
+            n = (data.get("usage") or {}).get("completion_tokens")
+            if got != want:
+                at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
+                          min(len(got), len(want)))
+                raise CheckFailed(f"remote P/D ({pre} → {headers.get('x-pdbox-decode-worker')}) "
+                                  f"answered {_preview(got)}, {pre} alone {_preview(want)}: "
+                                  f"they part at character {at}")
+            if n is not None and n < GREEDY_TOKENS:
+                raise CheckFailed(f"only {n} tokens came back; {GREEDY_TOKENS} were asked for")
+            return (f"remote on try {attempt} ({pre} → {headers.get('x-pdbox-decode-worker')}) "
+                    f"and {pre} alone agree on {n or GREEDY_TOKENS} greedy tokens: {_preview(got)}")
+        raise CheckFailed("the router prefilled locally every time: " + " | ".join(reasons))
+
+    async def _wait_idle(self, within_s: float = 60.0) -> None:
+        """Wait until no worker has requests (the comparison needs an unbatched request)."""
+        deadline = self.clock() + within_s
+        while True:
+            snap = await self._status()
+            busy = [w["id"] for w in snap.get("workers", [])
+                    if (w.get("running") or 0) + (w.get("queue") or 0) + (w.get("inflight") or 0)]
+            if not busy:
+                return
+            if self.clock() >= deadline:
+                raise CheckFailed(f"{', '.join(busy)} stayed busy for {within_s:g} s: the greedy "
+                                  "comparison needs a request with nothing batched beside it")
+            await self.sleep(self.poll_s / 4)
+
     async def _nixl_count(self, url: str) -> float:
         try:
             async with self.http.get(f"{url}/metrics") as r:
@@ -474,6 +554,7 @@ CHECKS: tuple[tuple[str, str], ...] = (
     ("bad_input", "check_bad_input"),
     ("prefix_hit", "check_prefix_hit"),
     ("pd_transfer", "check_pd"),
+    ("pd_greedy", "check_pd_greedy"),
     ("scale", "check_scale"),
 )
 
