@@ -173,10 +173,9 @@ def _worker(plan: Plan, p: Profile, role: str, index: int, ports: vllm_spec.Work
             budget_text = f"{rc.memory_fraction:g} of {gib(total)}, time-sliced"
         if facts is not None:
             ledger = vllm_spec.worker_ledger(p, role, budget, facts)
-            problem = ledger.problem(wid, budget_text)
+            problem = ledger.problem(wid, budget_text, role)
             if problem:
-                plan.problems.append(f"{p.name}: {problem}: raise {role}.memory_fraction, "
-                                     "lower model.max_model_len or serve a smaller model")
+                plan.problems.append(f"{p.name}: {problem}")
     elif facts is not None:
         kv_gib = rc.kv_cache_gib
         budget_text = f"{rc.kv_cache_gib:g} GiB KV cache (VLLM_CPU_KVCACHE_SPACE) + weights"

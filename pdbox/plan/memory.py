@@ -95,19 +95,21 @@ class MemoryLedger:
     def unused(self) -> int:
         return self.budget - self.weights - self.headroom - self.kv_cache_bytes
 
-    def problem(self, who: str, budget_text: str) -> str | None:
+    def problem(self, who: str, budget_text: str, role: str = "the role") -> str | None:
         """One sentence when this worker cannot start, else None."""
         floor = self.weights + self.headroom
         if floor >= self.budget:
             return (f"{who}'s memory budget of {gib(self.budget)} ({budget_text}) is below its "
                     f"{gib(self.weights)} of weights plus {gib(self.headroom)} of headroom "
-                    "for activations, CUDA graphs and the runtime")
+                    f"for activations, CUDA graphs and the runtime: raise {role}.memory_fraction "
+                    "or serve a smaller model")
         need = self.max_model_len * self.kv_bytes_per_token
         if self.kv_tokens < self.max_model_len:
             return (f"{who}'s memory budget of {gib(self.budget)} ({budget_text}) leaves "
                     f"{gib(self.kv_cache_bytes)} of KV cache ({self.kv_tokens} tokens) after "
                     f"{gib(self.weights)} of weights and {gib(self.headroom)} of headroom; "
-                    f"one {self.max_model_len}-token sequence needs {gib(need)}")
+                    f"one {self.max_model_len}-token sequence needs {gib(need)}: raise "
+                    f"{role}.memory_fraction or lower model.max_model_len")
         return None
 
     def to_dict(self) -> dict[str, Any]:
