@@ -3,7 +3,9 @@
 Replay builds the same `RoleMetrics` from its simulation (pdbox/replay/autoscale.py);
 this is the appliance's side. It is a function of what it is given (router metrics,
 registry, supervisor workers, per-core CPU readings and the clock), so tests build it
-without processes.
+without processes. Every field replay fills is filled here too
+(tests/unit/test_role_metrics.py fails otherwise); docs/AUTOSCALER.md says what each
+is computed from.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from pdbox.autoscaler import RoleMetrics
 from pdbox.config import Profile, parse_core_set
+from pdbox.router.engine_stats import summarize
 
 STARTING_STATES = ("starting", "warming", "restarting")
 
@@ -53,7 +56,35 @@ def role_metrics(
         out[role] = RoleMetrics(
             ready=len(ready), starting=len(starting), draining=len(draining),
             waiting=waiting,
+            mean_wait_s=mean_wait_s(role, m, bs, now, since),
             ttft_p90_s=m.ttft.percentile(0.9, since) if role != "decode" else None,
             itl_p90_s=m.itl.percentile(0.9, since) if role != "prefill" else None,
             kv_usage=kv, utilization=util)
     return out
+
+
+def mean_wait_s(role: str, router_metrics: Any, backends: Sequence[Any], now: float,
+                since: float) -> float | None:
+    """How long this role's requests waited before being served, over the period.
+
+    As replay measures it: the queue in front of the role, then the worker's
+    own. In front of decode (or aggregated) workers stands the router's
+    admission queue: the mean wait of the requests admitted in the period,
+    or, when none was, the age of the oldest still waiting. Inside a worker it
+    is vLLM's `vllm:request_queue_time_seconds`, read as deltas per scrape;
+    while requests wait there and none has finished waiting yet, the wait is
+    unknown (None), which the autoscaler reads as "requests wait".
+    """
+    queued = summarize(d for b in backends for d in b.engine.since("queue", since))
+    if queued.count:
+        in_worker: float | None = queued.mean
+    elif any(b.waiting for b in backends):
+        in_worker = None
+    else:
+        in_worker = 0.0
+    if role == "prefill" or in_worker is None:
+        return in_worker
+    admitted = router_metrics.admission_wait.mean(since)
+    if admitted is None:
+        admitted = router_metrics.oldest_wait_s(now) or 0.0
+    return admitted + in_worker
