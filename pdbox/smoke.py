@@ -34,6 +34,7 @@ import aiohttp
 import psutil
 
 from pdbox.control_client import ControlClient, ControlError, sse_data
+from pdbox.router.metrics import sum_series
 
 NIXL_COUNT = "vllm:nixl_xfer_time_seconds_count"
 # Greedy tokens the P/D correctness check compares (remote P/D against the prefill worker).
@@ -88,22 +89,6 @@ def unique_text(words: int, rng: random.Random | None = None) -> str:
     rng = rng or random.Random(uuid.uuid4().int)
     nonce = uuid.UUID(int=rng.getrandbits(128)).hex
     return f"[{nonce}] " + " ".join(rng.choice(_WORDS) for _ in range(words))
-
-
-def sum_metric(text: str, name: str) -> float:
-    """Sum one Prometheus series over its labels (0 when absent)."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        rest = line[len(name):]
-        if rest[:1] not in ("{", " "):
-            continue  # a longer name that starts the same
-        try:
-            total += float(line.rsplit(" ", 1)[1])
-        except (IndexError, ValueError):
-            continue
-    return total
 
 
 def _preview(text: str, n: int = 40) -> str:
@@ -447,7 +432,7 @@ class Smoke:
                 text = await r.text()
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise CheckFailed(f"could not read {url}/metrics: {exc}") from None
-        return sum_metric(text, NIXL_COUNT)
+        return sum_series(text, NIXL_COUNT)
 
     async def _wait_nixl(self, url: str, before: float, within_s: float = 15.0) -> float:
         """vLLM publishes transfer stats with its engine's next stats tick: allow a few seconds."""

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import random
 import re
@@ -48,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pdbox.bench.pd_legs import unique_prompt  # noqa: E402
+from pdbox.router.metrics import percentile as pct  # noqa: E402
 from tests.e2e.conftest import Pdbox, start_pdbox, stop_group  # noqa: E402
 
 SETUPS: dict[str, tuple[str, dict[str, str]]] = {
@@ -159,14 +159,6 @@ async def stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
     except (aiohttp.ClientError, TimeoutError) as exc:
         r.error = str(exc)
     return r
-
-
-def pct(xs: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..1); None for an empty list."""
-    if not xs:
-        return None
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
 async def calibrate_words(session: aiohttp.ClientSession, url: str, model: str,

@@ -47,9 +47,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_interference import NO_AUTOSCALER, pct, write_variant  # noqa: E402
+from bench_interference import NO_AUTOSCALER, write_variant  # noqa: E402
 
 from pdbox.bench.pd_legs import unique_prompt  # noqa: E402
+from pdbox.router.metrics import percentile as pct  # noqa: E402
 from tests.e2e.conftest import Pdbox, start_pdbox, stop_group  # noqa: E402
 
 

@@ -49,6 +49,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pdbox.router.metrics import percentile  # noqa: E402
+
 MODEL = "smollm2"
 
 PROFILE = """\
@@ -102,10 +104,7 @@ class Phase:
     cpu_s: dict[str, float] = field(default_factory=dict)
 
     def pct(self, attr: str, q: float) -> float | None:
-        vals = sorted(getattr(s, attr) for s in self.samples)
-        if not vals:
-            return None
-        return vals[min(len(vals) - 1, max(0, int(round(q * len(vals))) - 1))]
+        return percentile([getattr(s, attr) for s in self.samples], q)
 
     def summary(self) -> dict[str, Any]:
         n = len(self.samples)

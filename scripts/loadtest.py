@@ -39,6 +39,8 @@ from typing import Any
 
 import aiohttp
 
+from pdbox.router.metrics import percentile
+
 
 @dataclass
 class Record:
@@ -73,13 +75,6 @@ class Summary:
     duration_s: float = 0.0
     lost_ids: list[str] = field(default_factory=list)
     duplicated_ids: list[str] = field(default_factory=list)
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))]
 
 
 def classify_stream(raw: bytes) -> tuple[str, int, str]:

@@ -26,7 +26,6 @@ token clock per worker), so the cost is a few heap operations per request, not p
 from __future__ import annotations
 
 import heapq
-import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Any
 from pdbox.autoscaler import Autoscaler, RoleMetrics
 from pdbox.config import Profile
 from pdbox.replay.traces import TraceRequest
+from pdbox.router.metrics import percentile
 
 
 @dataclass(frozen=True)
@@ -321,8 +321,8 @@ class _Sim:
                 mean_wait = sum(x for _, x in st) / len(st)
             else:
                 mean_wait = now - q[0].enqueued if q else 0.0
-            ttft = _p90([x for _, x in self.ttfts]) if role != "decode" else None
-            itl = _p90([x for _, x in self.itls]) if role != "prefill" else None
+            ttft = percentile([x for _, x in self.ttfts], 0.9) if role != "decode" else None
+            itl = percentile([x for _, x in self.itls], 0.9) if role != "prefill" else None
             kv = util = None
             if role != "prefill" and ready:
                 kv = sum(min(1.0, w.kv_reserved / self.m.kv_capacity_tokens) for w in ready)
@@ -449,17 +449,9 @@ class _Sim:
 
 
 def _pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    return round(s[min(len(s) - 1, int(q * len(s)))], 4)
-
-
-def _p90(xs: list[float]) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    return s[min(len(s) - 1, math.ceil(0.9 * len(s)) - 1)]
+    """A percentile for the report, rounded to 0.1 ms."""
+    v = percentile(xs, q)
+    return None if v is None else round(v, 4)
 
 
 # --------------------------------------------------------------------------- API

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pdbox.replay.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest
+from pdbox.router.metrics import percentile
 from pdbox.router.policy import POLICIES, Picker, ScoreWeights, WorkerView
 from pdbox.router.prefix_index import ApproxIndex
 
@@ -110,14 +111,6 @@ def _blocks_of(req: TraceRequest, block_tokens: int, counter: itertools.count) -
     # No prefix data: unique negative ids, so they never collide with trace ids.
     n = max(1, -(-req.input_tokens // block_tokens))
     return [-next(counter) - 1 for _ in range(n)]
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    k = min(len(s) - 1, max(0, round(q * (len(s) - 1))))
-    return s[k]
 
 
 def replay(
@@ -213,9 +206,9 @@ def replay(
         "hit_blocks": hit_blocks,
         "total_blocks": total_blocks,
         "imbalance": max(uncached_per) / mean_uncached if mean_uncached > 0 else 1.0,
-        "ttft_p50_s": _pct(ttfts, 0.5),
-        "ttft_p90_s": _pct(ttfts, 0.9),
-        "ttft_p99_s": _pct(ttfts, 0.99),
+        "ttft_p50_s": percentile(ttfts, 0.5),
+        "ttft_p90_s": percentile(ttfts, 0.9),
+        "ttft_p99_s": percentile(ttfts, 0.99),
         "per_worker": {
             w.id: {
                 "requests": w.requests,

@@ -36,6 +36,7 @@ from typing import Any
 
 import pytest
 
+from pdbox.router.metrics import sum_series as metric
 from pdbox.workers.supervisor import group_running
 from tests.e2e.conftest import Pdbox, profile_variant, start_pdbox, stop_group
 from tests.faults.conftest import http_json, start_attached_pdbox, start_mock_process
@@ -86,19 +87,6 @@ def all_ready(box: Pdbox, timeout: float = 300) -> dict[str, Any]:
 def metrics_text(box: Pdbox) -> str:
     with urllib.request.urlopen(f"{box.base}/metrics", timeout=10) as r:
         return r.read().decode()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        head, _, value = line.rpartition(" ")
-        if head != name and not head.startswith(name + "{"):
-            continue
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 def stream_events(box: Pdbox, body: dict[str, Any], on_first: Any = None,

@@ -75,14 +75,16 @@ def test_exit_code() -> None:
     assert sm.exit_code([]) == 1  # nothing checked is not a pass
 
 
-def test_sum_metric_adds_labels_and_ignores_longer_names() -> None:
+def test_nixl_count_adds_labels_and_ignores_longer_names() -> None:
+    from pdbox.router.metrics import sum_series
+
     text = ("# TYPE vllm:nixl_xfer_time_seconds histogram\n"
             'vllm:nixl_xfer_time_seconds_count{engine="0"} 2.0\n'
             'vllm:nixl_xfer_time_seconds_count{engine="1"} 3.0\n'
             "vllm:nixl_xfer_time_seconds_count_other 7.0\n"
             "vllm:nixl_xfer_time_seconds_sum 0.5\n")
-    assert sm.sum_metric(text, sm.NIXL_COUNT) == 5.0
-    assert sm.sum_metric("", sm.NIXL_COUNT) == 0.0
+    assert sum_series(text, sm.NIXL_COUNT) == 5.0
+    assert sum_series("", sm.NIXL_COUNT) == 0.0
 
 
 def test_unique_text_is_unique_and_about_the_asked_length() -> None:
