@@ -266,3 +266,138 @@ class CharBlockTokenizer:
 
     def block_size_for(self, engine_block_size: int) -> int:
         return engine_block_size * self._chars_per_token
+
+
+# ------------------------------------------------------------ hub models
+
+
+class ApproxTokenizer(CharBlockTokenizer):
+    """Groups of `chars_per_token` characters as one id: about a token each.
+
+    The stand-in while a hub model's tokenizer is not on this machine. Unlike
+    CharBlockTokenizer its ids count (roughly) tokens, so the router's block
+    size stays the engine's and the P/D gate counts about tokens; swapping in
+    the real tokenizer later changes neither. Its ids never equal real token
+    ids, so KV events (which carry real ones) only match once it is swapped.
+    """
+
+    units_per_token = 1.0
+
+    def encode_prompt(self, prompt: str) -> Sequence[int]:
+        data = prompt.encode("utf-32-le")
+        step = 4 * self._chars_per_token
+        return [int.from_bytes(data[i:i + step], "little") for i in range(0, len(data), step)]
+
+    def block_size_for(self, engine_block_size: int) -> int:
+        return engine_block_size
+
+
+class HubTokenizer:
+    """A hub model's tokenizer, loaded from the local Hugging Face cache (local
+    files only) as soon as a worker has downloaded the model's snapshot.
+
+    Until then it routes by `ApproxTokenizer` and says so through `on_event`;
+    it looks for the snapshot again at most every `recheck_s` on use (or at
+    once on `refresh()`), and says when the real tokenizer takes over or why
+    it cannot. Block size and units per token never change, so the router
+    built around it stays right across the swap.
+    """
+
+    units_per_token = 1.0
+
+    def __init__(
+        self,
+        repo_id: str,
+        *,
+        on_event: Any = None,
+        clock: Any = None,
+        recheck_s: float = 5.0,
+        cache_dir: Path | None = None,
+    ) -> None:
+        import time
+
+        self.repo_id = repo_id
+        self._on_event = on_event
+        self._clock = clock or time.monotonic
+        self._recheck_s = recheck_s
+        self._cache_dir = cache_dir
+        self._fallback = ApproxTokenizer()
+        self._real: PromptTokenizer | None = None
+        self._failed: set[Path] = set()
+        self._next_check = 0.0
+        self.source = "characters"  # "model" once the real tokenizer is loaded
+        self.detail = ""
+        if not self.refresh():
+            self._say(f"routing by characters: the tokenizer of {repo_id} is not in the local "
+                      "Hugging Face cache yet; it is loaded once a worker has downloaded the "
+                      "model (prefix matching with KV events starts then)")
+
+    def _say(self, msg: str) -> None:
+        self.detail = msg
+        if self._on_event is not None:
+            self._on_event(msg)
+
+    def refresh(self) -> bool:
+        """Look for the snapshot now; True once the real tokenizer is in use."""
+        if self._real is not None:
+            return True
+        from pdbox.workers.hub_cache import find_snapshot
+
+        self._next_check = self._clock() + self._recheck_s
+        snap = find_snapshot(self.repo_id, ("tokenizer.json",), cache_dir=self._cache_dir)
+        if snap is None or snap in self._failed:
+            return False
+        try:
+            self._real = PromptTokenizer.from_model_dir(snap)
+        except TokenizerError as exc:
+            self._failed.add(snap)
+            self._say(f"tokenizer of {self.repo_id} in {snap} cannot be loaded ({exc}); "
+                      "still routing by characters")
+            return False
+        self.source = "model"
+        self._say(f"tokenizer of {self.repo_id} loaded from the local Hugging Face cache "
+                  f"({snap}); routing by the model's tokens")
+        return True
+
+    def _current(self) -> PromptTokenizer | ApproxTokenizer:
+        if self._real is None and self._clock() >= self._next_check:
+            self.refresh()
+        return self._real if self._real is not None else self._fallback
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._current().has_chat_template
+
+    def render_chat(self, messages: Sequence[Message], **extra: Any) -> str:
+        return self._current().render_chat(messages, **extra)
+
+    def encode_chat(self, messages: Sequence[Message], **extra: Any) -> Sequence[int]:
+        return self._current().encode_chat(messages, **extra)
+
+    def encode_prompt(self, prompt: str) -> Sequence[int]:
+        return self._current().encode_prompt(prompt)
+
+    def block_size_for(self, engine_block_size: int) -> int:
+        return engine_block_size
+
+    def state(self) -> dict[str, Any]:
+        return {"source": self.source, "model": self.repo_id, "detail": self.detail}
+
+
+def tokenizer_for_model(source: str, tokenizer_dir: Path | None, *, on_event: Any = None,
+                        **hub_kwargs: Any) -> Any:
+    """The router's tokenizer for a resolved model: the folder's own, a hub
+    model's from the local cache (now or once downloaded), or, when a folder's
+    tokenizer cannot load, characters with an event that says why."""
+    from pdbox.workers.hub_cache import is_hub_id
+
+    if tokenizer_dir is not None:
+        try:
+            return PromptTokenizer.from_model_dir(tokenizer_dir)
+        except TokenizerError as exc:
+            if on_event is not None:
+                on_event(f"tokenizer unavailable ({exc}); routing by characters")
+            return ApproxTokenizer()
+    if is_hub_id(source):
+        return HubTokenizer(source, on_event=on_event, **hub_kwargs)
+    return ApproxTokenizer()

@@ -87,7 +87,8 @@ class ResolvedModel:
 
     `path` is the model folder; for a hub id it is the id itself (as a Path),
     which is why workers should pass `model_arg` to vLLM. `tokenizer_dir` is a
-    local folder the router can load the tokenizer from, or None for a hub id.
+    local folder the router can load the tokenizer from: for a hub id, its
+    snapshot in the local Hugging Face cache, or None before it is downloaded.
     """
 
     path: Path
@@ -135,7 +136,10 @@ def resolve_model(
         check_local_folder(folder, verify=verify)
         return ResolvedModel(folder, "folder", folder, source)
     if _HUB_ID.match(source):
-        return ResolvedModel(Path(source), "hub", None, source)
+        from pdbox.workers.hub_cache import find_snapshot  # local files only
+
+        return ResolvedModel(Path(source), "hub", find_snapshot(source, ("tokenizer.json",)),
+                             source)
     raise ModelError(
         f"model source {source!r} is neither embedded:NAME, a folder path "
         "(starting with /, ./, ../ or ~) nor a hub id like org/name."
