@@ -8,8 +8,10 @@ the private pipe/log folders, the commands on stdin. Real processes start
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -272,3 +274,88 @@ def test_check_memory_fractions():
         check_memory_fractions([0.45, 0.25, 0.25])
     with pytest.raises(ValueError):
         check_memory_fractions([0.5, 0.0])
+
+
+# ------------------------------------------------- NVIDIA's documented interface
+# These check pdbox's output against what NVIDIA's MPS documentation states,
+# not against the fake: "Appendix: Environment Variables" and "Appendix: Tools
+# and Interface Reference" of https://docs.nvidia.com/deploy/mps/ (the same
+# text as nvidia-cuda-mps-control(1)). What the docs leave open (what
+# cudaMemGetInfo reports under a pinned limit) is for scripts/gpu_probe.py.
+
+# The documented example of the pinned limit: device ordinal = size, with K/M/G
+# (optionally followed by B), comma-separated.
+NVIDIA_LIMIT = r"^\d+=\d+[KMG]B?(,\d+=\d+[KMG]B?)*$"
+
+
+def _visible(physical: list[str], spec: str | None) -> list[str]:
+    """CUDA_VISIBLE_DEVICES as documented: indices or UUIDs (or UUID prefixes
+    with GPU-) select and order the devices; indices count from 0 in the list
+    they are applied to."""
+    if spec is None:
+        return list(physical)
+    out = []
+    for item in spec.split(","):
+        if item.startswith("GPU-"):
+            out += [d for d in physical if d.startswith(item)][:1]
+        else:
+            out.append(physical[int(item)])
+    return out
+
+
+@pytest.mark.parametrize("gpu_index", [0, 1, 3])
+@pytest.mark.parametrize("with_uuid", [False, True])
+def test_each_client_sees_exactly_its_gpu_as_documented(tmp_path, gpu_index, with_uuid):
+    """"When CUDA_VISIBLE_DEVICES is set before launching the control daemon,
+    the devices will be remapped by the MPS server", and a client that then
+    sets the same indices names the wrong devices. pdbox gives the daemon
+    nothing or a UUID; the client's own setting must pick the profile's GPU."""
+    physical = [f"GPU-{i:08d}-uuid" for i in range(4)]
+    uuid = physical[gpu_index] if with_uuid else None
+    daemon = MpsDaemon(tmp_path, gpu_uuid=uuid, base_env={"CUDA_VISIBLE_DEVICES": "2"})
+    daemon_devices = _visible(physical, daemon._process_env().get("CUDA_VISIBLE_DEVICES"))
+    env = client_env(daemon.env(), 60, mem_limit_for(0.25, 96 * GIB, gpu_index), gpu_index)
+    client_devices = _visible(daemon_devices, env["CUDA_VISIBLE_DEVICES"])
+    assert client_devices == [physical[gpu_index]]
+    # The limit names ordinal 0: the client's own numbering, where its GPU is 0.
+    assert re.match(NVIDIA_LIMIT, env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"])
+    assert env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"].startswith("0=")
+
+
+def test_limits_read_as_nvidia_writes_them():
+    from pdbox.hardware.mps import mem_limit_bytes
+
+    # The documentation's own example, and FINDINGS' "0=20G".
+    assert mem_limit_bytes("0=1G,1=512MB") == GIB
+    assert mem_limit_bytes("0=1G,1=512MB", 1) == 512 * 1024**2
+    assert mem_limit_bytes("0=20G") == 20 * GIB
+    assert mem_limit_bytes("1=20G") is None
+    for fraction in (0.05, 0.22, 0.25, 0.29, 0.35, 0.4, 0.9):
+        for total in (81559 * 1024**2, 97871 * 1024**2):
+            limit = mem_limit_for(fraction, total)
+            # Never above the budget it was computed from, and within 1 MiB of it.
+            assert 0 <= fraction * total - mem_limit_bytes(limit) < 1024**2
+
+
+def test_daemon_and_clients_share_the_documented_folders(tmp_path):
+    """CUDA_MPS_PIPE_DIRECTORY and CUDA_MPS_LOG_DIRECTORY must be the same for
+    the control daemon, the server and every client."""
+    daemon = MpsDaemon(tmp_path, base_env={})
+    env = client_env(daemon.env(), 40, None, 0)
+    proc = daemon._process_env()
+    for key in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
+        assert env[key] == proc[key] == daemon.env()[key]
+    assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "40"
+
+
+def test_control_commands_are_the_documented_ones():
+    """The interactive commands pdbox sends exist in NVIDIA's list: `quit`,
+    `get_server_list`, `set_default_active_thread_percentage <percentage>`;
+    the daemon starts with `-d`."""
+    from pdbox.hardware import mps
+
+    src = inspect.getsource(mps.MpsDaemon)
+    documented = {"quit", "get_server_list", "set_default_active_thread_percentage"}
+    sent = set(re.findall(r'command\(f?"([a-z_]+)', src))
+    assert sent and sent <= documented, sent - documented
+    assert '[binary, "-d"]' in src
