@@ -56,6 +56,14 @@ def status(as_json: bool) -> None:
                f"TTFT p50 {_fmt(r.get('ttft_p50_s'), 's')} p99 {_fmt(r.get('ttft_p99_s'), 's')}  "
                f"ITL p50 {_fmt(r.get('itl_p50_s'), 'ms', 1000, 0)} "
                f"p99 {_fmt(r.get('itl_p99_s'), 'ms', 1000, 0)}")
+    click.echo(f"tokens/s {_fmt(r.get('tokens_per_s'), digits=1)} "
+               f"(last {_fmt(r.get('rate_window_s'), 's', digits=0)})  "
+               f"output tokens {r.get('output_tokens_total')}")
+    for role, e in ((r.get("engine") or {}).get("roles") or {}).items():
+        click.echo(f"engine {role:<10} TTFT p50 {_fmt(e.get('ttft_p50_s'), 's')}  "
+                   f"ITL p50 {_fmt(e.get('itl_p50_s'), 'ms', 1000, 0)}  "
+                   f"queue {_fmt(e.get('queue_mean_s'), 's')}  "
+                   f"prefill {_fmt(e.get('prefill_mean_s'), 's')}  waiting {e.get('waiting')}")
     click.echo(f"P/D remote {r.get('pd_remote')}  local {r.get('pd_local')}  "
                f"fallbacks {r.get('fallbacks')}  429s {r.get('rejected_429')}  "
                f"NIXL {_fmt(r.get('nixl_xfer_ms'), 'ms', digits=1)}")

@@ -650,7 +650,9 @@ class Router:
                            "waiting": sum(b.waiting for b in backends.values() if b.role == role)}
         workers = {b.id: {**engine_figures({b.id: b.engine}, since), "waiting": b.waiting}
                    for b in backends.values()}
-        return {"window_s": ENGINE_WINDOW_S, "roles": roles, "workers": workers}
+        every = {**engine_figures({b.id: b.engine for b in backends.values()}, since),
+                 "waiting": sum(b.waiting for b in backends.values())}
+        return {"window_s": ENGINE_WINDOW_S, "all": every, "roles": roles, "workers": workers}
 
 
 def _prompt_count(body: dict[str, Any]) -> int:

@@ -107,3 +107,27 @@ def worker_slice(w: dict[str, Any]) -> str:
     if is_num(w.get("memory_fraction")):
         parts.append(f"mem {w['memory_fraction'] * 100:.0f}%")
     return " / ".join(parts) or NA
+
+
+def engine_view(engine: Any) -> dict[str, Any]:
+    """The engine-side figures the router panel shows, from the snapshot's `engine`.
+
+    TTFT is the first-token role's (prefill in P/D: a decode worker's own TTFT is
+    only the KV pull), ITL the decoding role's; queue and prefill time are over
+    every worker. Unknown figures are None.
+    """
+    engine = engine if isinstance(engine, dict) else {}
+    roles = engine.get("roles") if isinstance(engine.get("roles"), dict) else {}
+    every = engine.get("all") if isinstance(engine.get("all"), dict) else {}
+
+    def of(role_order: Sequence[str], key: str) -> Any:
+        for role in role_order:
+            figures = roles.get(role)
+            if isinstance(figures, dict) and figures.get(key) is not None:
+                return figures[key]
+        return None
+
+    return {"ttft_p50_s": of(("prefill", "aggregated"), "ttft_p50_s"),
+            "itl_p50_s": of(("decode", "aggregated"), "itl_p50_s"),
+            "queue_mean_s": every.get("queue_mean_s"),
+            "prefill_mean_s": every.get("prefill_mean_s")}

@@ -28,6 +28,13 @@ def render_router(r: dict[str, Any]) -> Group:
                     "p99", fmt.seconds(r.get("ttft_p99_s")))
     figures.add_row("ITL p50", fmt.seconds(r.get("itl_p50_s")),
                     "p99", fmt.seconds(r.get("itl_p99_s")))
+    # vLLM's own view of the same requests (its histograms, per scrape): where the
+    # router's TTFT went, into the engine's queue or its prefill.
+    eng = fmt.engine_view(r.get("engine"))
+    figures.add_row("engine TTFT", fmt.seconds(eng["ttft_p50_s"]),
+                    "ITL", fmt.seconds(eng["itl_p50_s"]))
+    figures.add_row("engine queue", fmt.seconds(eng["queue_mean_s"]),
+                    "prefill", fmt.seconds(eng["prefill_mean_s"]))
     figures.add_row("P/D", f"{fmt.pct(r.get('pd_share'))} "
                     f"({fmt.integer(remote)} P/D · {fmt.integer(local)} local)",
                     "fallbacks", fmt.integer(r.get("fallbacks")))

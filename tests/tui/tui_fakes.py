@@ -52,6 +52,12 @@ def busy_snapshot() -> dict[str, Any]:
                  "reason": "prefill-0 busy (queue 3), prefill locally"},
             ],
             "history": {"t": t, "rps": rps, "tokens_per_s": tps, "ttft_p50_s": ttft},
+            "engine": {
+                "window_s": 60.0,
+                "all": {"queue_mean_s": 0.012, "prefill_mean_s": 0.118, "waiting": 3},
+                "roles": {"prefill": {"ttft_p50_s": 0.142, "itl_p50_s": None},
+                          "decode": {"ttft_p50_s": 0.031, "itl_p50_s": 0.041}},
+            },
         },
         "autoscaler": {
             "enabled": True,
