@@ -38,7 +38,9 @@ def test_up_pd_restart_and_clean_stop(pdbox_factory, tmp_path):
     # Threshold decider and no autoscaler: the test decides what runs where.
     prof = profile_variant(tmp_path, "cpu-tiny", "cpu-tiny-e2e",
                            **{"router.pd_decider": '"threshold"', "autoscaler.enabled": "false"})
+    t0 = time.monotonic()
     box = pdbox_factory(["--profile", str(prof)])
+    startup_s = time.monotonic() - t0
     snap = box.status()
     roles = sorted((w["role"], w["state"]) for w in snap["workers"])
     assert roles == [("decode", "ready"), ("prefill", "ready")]
@@ -61,11 +63,24 @@ def test_up_pd_restart_and_clean_stop(pdbox_factory, tmp_path):
     assert out["choices"][0]["text"] is not None
     assert metric(decode["port"], "vllm:nixl_xfer_time_seconds_count") >= 1
 
-    # 3. SIGKILL of the decode worker: pdbox restarts it and serves again.
-    os.killpg(decode["pid"], signal.SIGKILL)
+    # 3. SIGKILL of the decode worker's main process only, as in a crash: its engine
+    # core would live on with parent 1 holding the NIXL side-channel port. pdbox
+    # ends the old group, restarts the worker, and P/D works again in time.
+    old = decode["pid"]
+    t_kill = time.monotonic()
+    os.kill(old, signal.SIGKILL)
     snap = box.wait_worker(lambda s: any(
         w["role"] == "decode" and w["state"] == "ready" and w["restarts"] >= 1
-        for w in s["workers"]), timeout=600)
+        for w in s["workers"]), timeout=startup_s + 30)
+    prompt = " ".join(rng.choice(WORDS) for _ in range(600))
+    out, headers = post(f"{box.endpoint}/completions",
+                        {"model": "smollm2", "prompt": prompt, "max_tokens": 8})
+    took = time.monotonic() - t_kill
+    assert headers.get("x-pdbox-pd") == "remote", headers
+    assert took <= startup_s + 30, f"P/D back after {took:.0f} s; start-up took {startup_s:.0f} s"
+    assert not group_running(old), "a process of the killed worker's group is still alive"
+    events = [e["message"] for e in snap["events"]]
+    assert any("back in" in m and "decode-0" in m for m in events), events
     out, _ = post(f"{box.endpoint}/chat/completions", {
         "model": "smollm2", "max_tokens": 8,
         "messages": [{"role": "user", "content": "Say hello."}]})
