@@ -170,7 +170,8 @@ def _worker(plan: Plan, p: Profile, role: str, index: int, ports: vllm_spec.Work
             mps_env = client_env(daemon_env, rc.sm_percent, limit, p.hardware.gpu_index)
             budget_text = f"MPS cap {rc.memory_fraction:g} of {gib(total)}"
         else:
-            budget_text = f"{rc.memory_fraction:g} of {gib(total)}, time-sliced"
+            budget_text = (f"{rc.memory_fraction:g} of {gib(total)}, time-sliced: vLLM "
+                           "profiles its own KV cache; this ledger is the estimate")
         if facts is not None:
             ledger = vllm_spec.worker_ledger(p, role, budget, facts)
             problem = ledger.problem(wid, budget_text, role)
@@ -191,8 +192,10 @@ def _worker(plan: Plan, p: Profile, role: str, index: int, ports: vllm_spec.Work
                 f"{p.name}: {wid}'s KV cache of {gib(ledger.kv_cache_bytes)} holds "
                 f"{ledger.kv_tokens} tokens, fewer than one {p.model.max_model_len}-token "
                 f"sequence: raise {role}.kv_cache_gib or lower model.max_model_len")
+    # Only an MPS worker is given its KV cache; a time-sliced one sizes its own.
     spec = vllm_spec.build(p, role, index, ports, model_arg, online_cores=None, base_env={},
-                           mps_env=mps_env, python=python, memory=ledger)
+                           mps_env=mps_env, python=python,
+                           memory=ledger if mps_env is not None else None)
     env = {k: v for k, v in sorted(spec.env.items()) if k.startswith(_SHOWN_ENV_PREFIXES)}
     return WorkerPlan(wid, role, spec.slice, spec.argv, env, ledger, limit, budget_text)
 

@@ -20,7 +20,6 @@ from pdbox.plan.memory import (
     GPU_MAX_NUM_BATCHED_TOKENS,
     GPU_MAX_NUM_SEQS,
     MemoryLedger,
-    cap_bytes,
     gpu_ledger,
 )
 from pdbox.plan.model_facts import DTYPE_BYTES, FactsError, ModelFacts
@@ -156,17 +155,16 @@ def worker_ledger(profile: Profile, role: str, budget: int, facts: ModelFacts) -
     )
 
 
-def planned_budget(profile: Profile, role: str, mps_env: dict[str, str] | None,
-                   gpu_total_bytes: int | None) -> int | None:
-    """A GPU worker's memory budget: its MPS cap, else its fraction of the card."""
+def planned_budget(mps_env: dict[str, str] | None) -> int | None:
+    """A GPU worker's memory budget under MPS: its pinned limit. None when
+    time-sliced: a worker alone on the card sees the card, and vLLM's own
+    profiling with --gpu-memory-utilization is then right."""
     limit = (mps_env or {}).get("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT")
-    if limit:
-        from pdbox.hardware.mps import mem_limit_bytes
+    if not limit:
+        return None
+    from pdbox.hardware.mps import mem_limit_bytes
 
-        return mem_limit_bytes(limit)
-    if gpu_total_bytes:
-        return cap_bytes(profile.role(role).memory_fraction, gpu_total_bytes)
-    return None
+    return mem_limit_bytes(limit)
 
 
 def _ledger_from_files(profile: Profile, role: str, model_path: str,
@@ -218,10 +216,10 @@ def build(
 ) -> WorkerSpec:
     """The full command line and environment of one worker.
 
-    On a GPU, `memory` (the plan's ledger for this worker) sets the KV cache
+    Under MPS, `memory` (the plan's ledger for this worker) sets the KV cache
     with --kv-cache-memory-bytes. Without it the ledger is worked out here
-    from the MPS cap in `mps_env` (or `gpu_total_bytes`) and the model's
-    config.json, when both are at hand.
+    from the MPS cap in `mps_env` and the model's config.json, when both are
+    at hand. A time-sliced worker (no cap) is sized by vLLM itself.
     """
     rc: RoleConfig = profile.role(role)
     wid = worker_id(role, index)
@@ -275,8 +273,7 @@ def build(
         # (docs/GPU.md, "One memory truth").
         argv += ["--gpu-memory-utilization", f"{rc.memory_fraction:.3f}"]
         if memory is None:
-            memory = _ledger_from_files(profile, role, model_path,
-                                        planned_budget(profile, role, mps_env, gpu_total_bytes))
+            memory = _ledger_from_files(profile, role, model_path, planned_budget(mps_env))
         if memory is not None and memory.kv_cache_bytes > 0:
             argv += ["--kv-cache-memory-bytes", str(memory.kv_cache_bytes)]
     if "--trust-remote-code" in profile.engine.extra_args:
