@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pdbox.router.metrics import percentile  # noqa: E402
+from pdbox.router.metrics import percentile, sum_series  # noqa: E402
 
 WORDS = ("alpha beta gamma delta river mountain cloud stone paper light shadow garden music "
          "copper violet window harbor meadow lantern orbit canyon falcon ember glacier "
@@ -48,8 +48,7 @@ def rejected_total(base: str) -> float:
         text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
     except OSError:
         return float("nan")
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("pdbox_rejected_total"))
+    return sum_series(text, "pdbox_rejected_total")
 
 
 async def chat(client, model: str, idx: int, args: argparse.Namespace,

@@ -12,6 +12,7 @@ import urllib.request
 import psutil
 import pytest
 
+from pdbox.router.metrics import sum_series
 from pdbox.workers.supervisor import group_running
 from tests.e2e.conftest import profile_variant
 
@@ -30,8 +31,7 @@ def post(url: str, body: dict, timeout: float = 180) -> tuple[dict, dict]:
 
 def metric(port: int, name: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
+    return sum_series(text, name)
 
 
 def test_up_pd_restart_and_clean_stop(pdbox_factory, tmp_path):
