@@ -28,8 +28,8 @@ GIB = 1024**3
 # memory it sees, which MPS may change).
 GPU_MAX_NUM_BATCHED_TOKENS = 8192
 GPU_MAX_NUM_SEQS = 256
-# CUDA graph pool for the decode batch sizes vLLM captures (0.5-1.5 GiB is
-# typical for 7-8B models at -O3); 2 GiB errs on the large side.
+# CUDA graph pool for the decode batch sizes vLLM captures. An assumption
+# meant to err large, to be checked against vLLM's log on the first GPU run.
 CUDA_GRAPH_RESERVE = 2 * GIB
 # CUDA context, cuBLAS/cuDNN workspaces and allocator slack.
 RUNTIME_RESERVE = 1 * GIB
