@@ -20,6 +20,7 @@ It speaks enough of vLLM's API for pdbox's router to treat it as a worker:
 
 Faults are switched by CLI flags or ``POST /mock/faults`` with a JSON object
 (``{"fail_status": 500}``, ``{"fail_after_chunks": 3}``, ``{"hang": true}``,
+``{"stall_after_chunks": 3}`` (send nothing more, keep the connection open),
 optionally ``"count": N`` to apply to the next N requests only; ``{}``
 clears), so tests can make a worker fail before the first byte, reset
 mid-stream or hang. ``GET /mock/state`` returns what it saw (counters, the
@@ -37,6 +38,7 @@ import asyncio
 import contextlib
 import json
 import math
+import re
 import sys
 import time
 import uuid
@@ -51,6 +53,7 @@ from pdbox.router.metrics import Histogram
 
 COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")
 CHARS_PER_TOKEN = 4  # prompt tokens are estimated from characters, as pdbox's fallback does
+STALL_AFTER = web.RequestKey("stall_after", int)  # this request's stall fault, for _stream
 
 
 @dataclass
@@ -73,23 +76,26 @@ class Faults:
     fail_status: int | None = None  # answer this status before the first byte
     fail_after_chunks: int | None = None  # reset the connection after this many chunks
     hang: bool = False  # accept the request and never answer
+    stall_after_chunks: int | None = None  # after this many chunks, send nothing more
     count: int | None = None  # apply to the next `count` requests only; None: until cleared
 
     @property
     def active(self) -> bool:
         return (self.fail_status is not None or self.fail_after_chunks is not None
-                or self.hang) and (self.count is None or self.count > 0)
+                or self.hang or self.stall_after_chunks is not None) and (self.count is None or self.count > 0)
 
     @classmethod
     def from_json(cls, data: Any) -> Faults:
         if not isinstance(data, dict):
             raise ValueError("faults must be a JSON object")
-        unknown = set(data) - {"fail_status", "fail_after_chunks", "hang", "count"}
+        unknown = set(data) - {"fail_status", "fail_after_chunks", "hang", "count",
+                               "stall_after_chunks"}
         if unknown:
             raise ValueError(f"unknown fault keys: {', '.join(sorted(unknown))}")
         f = cls(fail_status=data.get("fail_status"), fail_after_chunks=data.get("fail_after_chunks"),
-                hang=bool(data.get("hang", False)), count=data.get("count"))
-        for name in ("fail_status", "fail_after_chunks", "count"):
+                hang=bool(data.get("hang", False)), count=data.get("count"),
+                stall_after_chunks=data.get("stall_after_chunks"))
+        for name in ("fail_status", "fail_after_chunks", "count", "stall_after_chunks"):
             v = getattr(f, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ValueError(f"{name} must be a non-negative integer or null")
@@ -327,6 +333,7 @@ class MockServer:
             await asyncio.sleep(c.ttft_ms / 1000)
         first = time.monotonic()
         reset_after = faults.fail_after_chunks if faults is not None else None
+        request[STALL_AFTER] = faults.stall_after_chunks if faults is not None else None
         if body.get("stream") is True:
             resp = await self._stream(request, body, chat, rid, created, n_prompt, n_out,
                                       headers, reset_after)
@@ -336,7 +343,8 @@ class MockServer:
             await asyncio.sleep(c.itl_ms * (n_out - 1) / 1000)
         end = time.monotonic()
         self._observe(started, first, end, n_out)
-        text = "".join(_token(i) for i in range(n_out))
+        start = _continued_from(body, chat)
+        text = "".join(_token(start + i) for i in range(n_out))
         usage = {"prompt_tokens": n_prompt, "total_tokens": n_prompt + n_out,
                  "completion_tokens": n_out, "prompt_tokens_details": None}
         if chat:
@@ -387,14 +395,21 @@ class MockServer:
         if chat:
             chunks.append(head + '"delta":{"role":"assistant","content":""},"logprobs":null,'
                           '"finish_reason":null}]}\n\n')
+        # Like greedy decoding, the answer is a function of the text it continues.
+        start = _continued_from(body, chat)
+        ids = '"token_ids":[{}],' if body.get("return_token_ids") else ""
         for i in range(n_out):
             last = i == n_out - 1
             finish = '"length"' if last else "null"
+            if ids:
+                head_i = head + ids.format(TOKEN_ID0 + start + i)
+            else:
+                head_i = head
             if chat:
-                chunks.append(f'{head}"delta":{{"content":{json.dumps(_token(i))}}},'
+                chunks.append(f'{head_i}"delta":{{"content":{json.dumps(_token(start + i))}}},'
                               f'"logprobs":null,"finish_reason":{finish}}}]}}\n\n')
             else:
-                chunks.append(f'{head}"text":{json.dumps(_token(i))},"logprobs":null,'
+                chunks.append(f'{head_i}"text":{json.dumps(_token(start + i))},"logprobs":null,'
                               f'"finish_reason":{finish},"stop_reason":null}}]}}\n\n')
         opts = body.get("stream_options")
         if isinstance(opts, dict) and opts.get("include_usage"):
@@ -412,6 +427,9 @@ class MockServer:
                 s.failed += 1
                 _reset(request)
                 return resp
+            if request.get(STALL_AFTER) is not None and i >= request[STALL_AFTER]:
+                s.failed += 1
+                await asyncio.Event().wait()  # a stalled worker: until the client goes away
             k = i - first_token  # which token this chunk carries
             if delay > 0 and 0 < k < n_out:
                 # An absolute schedule: a late wake-up is caught up, not added up,
@@ -457,6 +475,28 @@ class MockServer:
 
 def _token(i: int) -> str:
     return f" t{i}"
+
+
+TOKEN_ID0 = 1000  # token i's id, for return_token_ids
+_LAST_TOKEN = re.compile(r" t(\d+)$")
+
+
+def _continued_from(body: dict[str, Any], chat: bool) -> int:
+    """Where an answer that continues earlier output picks up: after its last
+    mock token (a final assistant message with continue_final_message, or a
+    prompt that ends in mock text or mock token ids)."""
+    if chat:
+        msgs = body.get("messages")
+        if not body.get("continue_final_message") or not isinstance(msgs, list) or not msgs:
+            return 0
+        last = msgs[-1]
+        text = last.get("content") if isinstance(last, dict) else None
+    else:
+        text = body.get("prompt")
+        if isinstance(text, list) and text and isinstance(text[-1], int):
+            return text[-1] - TOKEN_ID0 + 1 if text[-1] >= TOKEN_ID0 else 0
+    m = _LAST_TOKEN.search(text) if isinstance(text, str) else None
+    return int(m.group(1)) + 1 if m else 0
 
 
 def _prompt_text(body: dict[str, Any], chat: bool) -> str:

@@ -27,6 +27,7 @@ from pdbox.router.admission import Admission, QueueFull
 from pdbox.router.backends import Backend, Registry
 from pdbox.router.engine_stats import ENGINE_WINDOW_S, engine_figures
 from pdbox.router.metrics import RATE_WINDOW_S, RouterMetrics, answer_figures
+from pdbox.router.migration import MigratingStream, Migrator, Settings, stall_timeout_s
 from pdbox.router.pd import PrefillFailed, decode_body, prefill_leg
 from pdbox.router.policy import NoWorker, PDDecider, Picker
 from pdbox.router.prefix_index import ApproxIndex, PreciseIndex, block_hashes
@@ -92,6 +93,9 @@ class Router:
                                    max_inflight=r.max_inflight_per_worker,
                                    interactive_wait_s=0.5 * profile.slo.ttft_s)
         self.metrics = RouterMetrics()
+        # Streams whose worker dies or stalls continue on another (migration.py).
+        self.migrator = Migrator(registry, events,
+                                 Settings(stall_s=stall_timeout_s(profile.slo.itl_s)))
         self.decisions: deque[Decision] = deque(maxlen=50)
         self._xfer_seen: dict[tuple[str, ...], tuple[float, ...]] = {}
         self.events = events
@@ -160,7 +164,7 @@ class Router:
                 self.metrics.kv_xfer_failures.set(
                     b.metrics["vllm:nixl_num_failed_transfers_total"], worker=b.id)
         self.metrics.queued.set(self.admission.queued)
-        return web.Response(text=self.metrics.render(),
+        return web.Response(text=self.metrics.render() + self.migrator.render(),
                             content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 
@@ -424,10 +428,11 @@ class Router:
         # again on the way back when the client did not ask (_relay).
         strip_usage = stream and not wants_usage(body)
         sent = with_usage(body) if strip_usage else body
+        leg_body = self.migrator.first_leg(sent, path)  # generated ids back for token-id prompts
         try:
             # Bytes: a str body costs aiohttp an extra payload wrapper per request.
             upstream = await self.session.post(
-                f"{decode.url}{path}", data=json.dumps(decode_body(sent, kv_params)).encode(),
+                f"{decode.url}{path}", data=json.dumps(decode_body(leg_body, kv_params)).encode(),
                 headers={"Content-Type": "application/json", "X-Request-Id": request_id},
                 timeout=self._upstream_timeout)
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -458,8 +463,14 @@ class Router:
                     self._record_answer(decode, data, t0)
                 return web.Response(body=data, status=upstream.status, headers=headers,
                                     content_type=upstream.content_type or "application/json")
-            return await self._relay(request, upstream, decode, headers, decision, uncached, t0,
-                                     strip_usage)
+            source = self.migrator.stream(self.session, upstream, decode, sent, path,
+                                          request_id, decision.prompt_tokens,
+                                          self._upstream_timeout)
+            try:
+                return await self._relay(request, upstream, decode, headers, decision,
+                                         uncached, t0, strip_usage, source)
+            finally:
+                source.close()
 
     def _record_answer(self, decode: Backend, data: bytes, t0: float) -> None:
         """A non-streamed answer feeds the figures a stream feeds: e2e, tokens and TTFT."""
@@ -484,7 +495,8 @@ class Router:
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
                      decode: Backend, headers: dict[str, str], decision: Decision,
-                     uncached: int, t0: float, strip_usage: bool = False) -> web.StreamResponse:
+                     uncached: int, t0: float, strip_usage: bool = False,
+                     source: MigratingStream | None = None) -> web.StreamResponse:
         """Pass an SSE stream through event by event, timing TTFT and ITL on the way.
 
         Tokens are counted per SSE event (sse_meter.py), never per network
@@ -502,7 +514,7 @@ class Router:
         first: float | None = None
         last = 0.0
         meter = SseMeter(strip_usage)
-        content = upstream.content
+        content = upstream.content if source is None else source
         try:
             await resp.prepare(request)
             while True:

@@ -1,0 +1,189 @@
+"""Streams that survive a dead worker, through the real router in front of mock workers.
+
+The mock answers like greedy decoding: its tokens are numbered from where the
+text it continues stops (" t0 t1 ..."), so a spliced answer that reads
+" t0 ... t19" with one role chunk and one [DONE] is one uninterrupted answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from pdbox.devtools.mock_openai import Faults, MockConfig
+from tests.helpers import sse_events
+from tests.unit.test_router_app import Box, chat, completion, pd_profile, profile, run, until
+
+N = 20
+TWO = {"aggregated-0": MockConfig(tokens=64), "aggregated-1": MockConfig(tokens=64)}
+
+
+def tokens_text(n: int, start: int = 0) -> str:
+    return "".join(f" t{i}" for i in range(start, start + n))
+
+
+def split(events: list[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """(chunks with choices, everything else)."""
+    chunks = [e for e in events if isinstance(e, dict) and e.get("choices")]
+    return chunks, [e for e in events if e not in chunks]
+
+
+def record_events(box: Box) -> list[str]:
+    seen: list[str] = []
+    box.router.migrator.events = lambda kind, msg: seen.append(msg)
+    return seen
+
+
+@pytest.mark.parametrize("usage", [True, False])
+def test_chat_stream_is_spliced_across_a_reset_worker(usage: bool) -> None:
+    async def check(box: Box) -> None:
+        seen = record_events(box)
+        dead, alive = box.mocks["aggregated-0"], box.mocks["aggregated-1"]
+        dead.faults = Faults(fail_after_chunks=6, count=1)  # role + 5 tokens, then a reset
+        body = chat("count", stream=True, max_tokens=N)
+        if usage:
+            body["stream_options"] = {"include_usage": True}
+        async with box.post("/v1/chat/completions", body) as r:
+            assert r.status == 200
+            assert r.headers["x-pdbox-decode-worker"] == "aggregated-0"
+            events = sse_events(await r.read())
+        chunks, rest = split(events)
+        assert rest[-1] == "[DONE]" and events.count("[DONE]") == 1
+        assert not [e for e in events if isinstance(e, dict) and "error" in e]
+        roles = [c for c in chunks if "role" in c["choices"][0]["delta"]]
+        assert len(roles) == 1 and chunks[0] is roles[0]
+        assert len({(c["id"], c["created"], c["model"]) for c in chunks}) == 1
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert text == tokens_text(N)  # greedy: the continuation picks up where it broke
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        usage_chunks = [e for e in rest if isinstance(e, dict) and "usage" in e]
+        if usage:
+            assert usage_chunks[0]["usage"]["completion_tokens"] == N
+            assert usage_chunks[0]["id"] == chunks[0]["id"]
+        else:
+            assert not usage_chunks  # the client did not ask for it
+        cont = alive.seen[-1]["body"]
+        assert cont["continue_final_message"] is True
+        assert cont["add_generation_prompt"] is False
+        assert cont["max_tokens"] == N - 5
+        assert cont["messages"][-1] == {"role": "assistant", "content": tokens_text(5)}
+        assert alive.seen[-1]["headers"]["x-request-id"].endswith("-m1")
+        text = await box.metrics()
+        assert 'pdbox_migrations_total{outcome="moved"} 1' in text
+        assert 'pdbox_requests_total{outcome="ok"} 1' in text
+        assert f"pdbox_output_tokens_total {N}" in text
+        assert "moved from aggregated-0 to aggregated-1 after 5 tokens" in seen[0]
+
+    run(check, TWO, profile(policy="round_robin"))
+
+
+@pytest.mark.parametrize(("prompt", "cont_prompt"), [
+    ("Count:", "Count:" + tokens_text(4)),
+    # Token ids in: the continuation is built from ids (exact), and the client
+    # never sees the ids the router asked the worker for.
+    ([5, 6, 7], [5, 6, 7, 1000, 1001, 1002, 1003]),
+])
+def test_completion_prompts_continue(prompt: Any, cont_prompt: Any) -> None:
+    async def check(box: Box) -> None:
+        dead, alive = box.mocks["aggregated-0"], box.mocks["aggregated-1"]
+        dead.faults = Faults(fail_after_chunks=4, count=1)
+        async with box.post("/v1/completions", completion(prompt, stream=True,
+                                                          max_tokens=N)) as r:
+            assert r.headers["x-pdbox-decode-worker"] == "aggregated-0"
+            raw = await r.read()
+        assert b"token_ids" not in raw
+        chunks, _ = split(sse_events(raw))
+        assert "".join(c["choices"][0]["text"] for c in chunks) == tokens_text(N)
+        cont = alive.seen[-1]["body"]
+        assert cont["prompt"] == cont_prompt and cont["max_tokens"] == N - 4
+
+    run(check, TWO, profile(policy="round_robin"))
+
+
+def test_a_stalled_stream_moves_and_the_stalled_request_is_aborted() -> None:
+    async def check(box: Box) -> None:
+        box.router.migrator.settings.stall_s = 0.3
+        dead = box.mocks["aggregated-0"]
+        dead.faults = Faults(stall_after_chunks=4, count=1)
+        async with box.post("/v1/chat/completions", chat(stream=True, max_tokens=N)) as r:
+            events = sse_events(await r.read())
+        chunks, _ = split(events)
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert text == tokens_text(N) and events[-1] == "[DONE]"
+        await until(lambda: dead.stats.disconnects == 1)
+
+    run(check, TWO, profile(policy="round_robin"))
+
+
+def test_no_worker_to_take_it_ends_with_an_explicit_error() -> None:
+    async def check(box: Box) -> None:
+        box.router.migrator.settings.notice_s = 0.2
+        box.mocks["aggregated-0"].faults = Faults(fail_after_chunks=4)
+        async with box.post("/v1/chat/completions", chat(stream=True, max_tokens=N)) as r:
+            events = sse_events(await r.read())
+        assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+        err = events[-2]["error"]
+        assert "mid-stream" in err["message"] and "no worker could take it over" in err["message"]
+        text = await box.metrics()
+        assert 'pdbox_migrations_total{outcome="failed"} 1' in text
+        assert 'pdbox_requests_total{outcome="error"} 1' in text
+
+    run(check, {"aggregated-0": MockConfig(tokens=64)})
+
+
+def test_n_above_one_is_refused_for_migration() -> None:
+    async def check(box: Box) -> None:
+        box.mocks["aggregated-0"].faults = Faults(fail_after_chunks=4, count=1)
+        async with box.post("/v1/chat/completions", chat(stream=True, max_tokens=N, n=2)) as r:
+            events = sse_events(await r.read())
+        assert "error" in events[-2] and events[-1] == "[DONE]"
+        assert box.mocks["aggregated-1"].stats.requests == 0
+        assert 'pdbox_migrations_total{outcome="refused"} 1' in await box.metrics()
+
+    run(check, TWO, profile(policy="round_robin"))
+
+
+def test_pd_decode_death_is_continued_whole_on_another_decode_worker() -> None:
+    async def check(box: Box) -> None:
+        box.mocks["decode-0"].faults = Faults(fail_after_chunks=6, count=1)
+        body = completion("x " * 600, stream=True, max_tokens=N)
+        async with box.post("/v1/completions", body) as r:
+            assert r.headers["x-pdbox-pd"] == "remote"
+            assert r.headers["x-pdbox-decode-worker"] == "decode-0"
+            events = sse_events(await r.read())
+        chunks, _ = split(events)
+        assert "".join(c["choices"][0]["text"] for c in chunks) == tokens_text(N)
+        cont = box.mocks["decode-1"].seen[-1]["body"]
+        assert "kv_transfer_params" not in cont  # served whole, no second prefill leg
+        assert box.mocks["prefill-0"].stats.prefill_legs == 1
+
+    run(check, {"prefill-0": "prefill", "decode-0": MockConfig(tokens=64),
+                "decode-1": MockConfig(tokens=64)}, pd_profile(policy="round_robin"))
+
+
+def test_pd_only_decode_worker_restarting_is_waited_for() -> None:
+    async def check(box: Box) -> None:
+        m = box.router.migrator.settings
+        m.keepalive_s = 0.1
+        decode = box.router.registry.get("decode-0")
+        assert decode is not None
+        box.mocks["decode-0"].faults = Faults(fail_after_chunks=6, count=1)
+
+        async def supervisor() -> None:  # notices the death, restarts the worker
+            await until(lambda: box.mocks["decode-0"].stats.failed == 1)
+            decode.state = "restarting"
+            await asyncio.sleep(0.6)
+            decode.state = "ready"
+
+        sup = asyncio.create_task(supervisor())
+        async with box.post("/v1/completions", completion("x " * 600, stream=True,
+                                                          max_tokens=N)) as r:
+            raw = await r.read()
+        await sup
+        assert b": pdbox" in raw  # keep-alive comments while it waited
+        chunks, _ = split(sse_events(raw))
+        assert "".join(c["choices"][0]["text"] for c in chunks) == tokens_text(N)
+
+    run(check, {"prefill-0": "prefill", "decode-0": MockConfig(tokens=64)}, pd_profile())
