@@ -124,6 +124,11 @@ class RouterConfig:
     # "threshold" uses only the rule above; "adaptive" also predicts TTFT from
     # live prefill speed, transfer time and queueing.
     pd_decider: str = "adaptive"
+    # Soft roles (P/D only): the prefill worker also serves short requests whole
+    # while it has no prefill work (router/soft_roles.py). Off: a fixed split.
+    soft_roles: bool = True
+    # After a prefill leg, the prefill worker is kept for prefill this long.
+    soft_roles_hold_s: float = 10.0
     kv_events: bool = True
     # Approximate index bound, in blocks per worker.
     index_blocks_per_worker: int = 4096
@@ -514,6 +519,8 @@ def validate(p: Profile, ld: _Loader | None = None) -> None:
         raise fail("router.port", "must lie within 0..65535")
     if r.pd_min_uncached_tokens < 0:
         raise fail("router.pd_min_uncached_tokens", "must not be negative")
+    if r.soft_roles_hold_s < 0:
+        raise fail("router.soft_roles_hold_s", "must not be negative")
     if r.queue_bound < 1:
         raise fail("router.queue_bound", "must be at least 1")
     if r.max_body_bytes < 1024:
