@@ -549,6 +549,8 @@ def convert_gguf(
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _parse_gguf_once()
+
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -593,6 +595,43 @@ def convert_gguf(
     )
 
 
+def _parse_gguf_once() -> None:
+    """Memoize the two pure steps transformers repeats while loading a GGUF.
+
+    It parses the whole file (a 49k-token vocabulary, field by field through
+    numpy views) three times, for the tokenizer, the config and the weights,
+    and builds gguf's tensor-name map (every name of every block) once per
+    module of the model, 397 times for SmolLM2. Together that was about 8 of
+    the 20 s a conversion took on two cores. A reader is only read here, and a
+    name map depends only on (architecture, block count), so one of each is
+    shared; the result is byte for byte the same (tests/e2e/test_model_convert.py).
+    Runs in the conversion child only.
+    """
+    import gguf
+
+    base = gguf.GGUFReader
+    if getattr(base, "_pdbox_shared", False):
+        return
+    parsed: dict[tuple[str, str], Any] = {}
+
+    class SharedReader(base):  # type: ignore[misc, valid-type]
+        _pdbox_shared = True
+
+        def __new__(cls, path: Any, mode: str = "r") -> Any:
+            key = (os.path.realpath(os.fspath(path)), mode)
+            if key not in parsed:
+                reader = object.__new__(cls)
+                base.__init__(reader, path, mode)
+                parsed[key] = reader
+            return parsed[key]
+
+        def __init__(self, path: Any, mode: str = "r") -> None:
+            pass  # parsed once, in __new__
+
+    gguf.GGUFReader = SharedReader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(gguf.get_tensor_name_map)
+
+
 def _die_with_parent() -> None:
     """Stop converting if pdbox itself is killed: the parent would never install
     the result, and the next start removes the temporary folder anyway."""
@@ -634,4 +673,9 @@ def _child_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1:]))
+    code = _child_main(sys.argv[1:])
+    # Every file is written and closed by now; tearing down torch and
+    # transformers would only add about two seconds before the parent goes on.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,6 +1,6 @@
 """The real conversion of the embedded model, into a private PDBOX_HOME.
 
-Takes about 40 s on two cores (a child process loads torch and transformers),
+Takes about 10 s on two cores (a child process loads torch and transformers),
 plus a few seconds for the greedy-generation check.
 """
 
@@ -67,6 +67,27 @@ def test_conversion_writes_a_complete_folder(converted, monkeypatch) -> None:
     leftovers = [p.name for p in folder.parent.iterdir() if ".tmp-" in p.name]
     assert leftovers == []
     print(f"conversion took {took:.1f} s")
+
+
+# sha256 of what transformers' own GGUF loading wrote, without the child's
+# memoized parsing (`_parse_gguf_once`), for the versions the cpu extra pins.
+UNPATCHED_OUTPUT = {
+    ("2.13.0+cpu", "5.19.0", "0.19.0"): {
+        "model.safetensors": "7ef915c9bf9d94d8d70211970476878352a5b95855c589ae987916d7a455242b",
+        "tokenizer.json": "bf346d64f6f0fbcefb4c1b6928a98241467dff36c6fbae5fe1785c4ff90667f4",
+    },
+}
+
+
+@needs_stack
+def test_shared_parsing_writes_the_same_bytes(converted) -> None:
+    folder, _, _ = converted
+    tools = m.read_manifest(folder)["converter"]
+    want = UNPATCHED_OUTPUT.get((tools["torch"], tools["transformers"], tools["gguf"]))
+    if want is None:
+        pytest.skip(f"no reference output recorded for {tools}")
+    for name, sha in want.items():
+        assert m.sha256_file(folder / name) == sha, name
 
 
 @needs_stack
