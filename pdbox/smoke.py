@@ -39,6 +39,9 @@ from pdbox.router.metrics import sum_series
 NIXL_COUNT = "vllm:nixl_xfer_time_seconds_count"
 # Greedy tokens the P/D correctness check compares (remote P/D against the prefill worker).
 GREEDY_TOKENS = 16
+# The P/D checks test the remote path itself: on an idle box the decider rightly
+# prefills locally (nothing to stall, no transfer to pay), so they ask for remote.
+FORCE_REMOTE = {"x-pdbox-pd": "remote"}
 # Roles that answer clients; scaling one of them is what the scale check exercises.
 SERVING_ROLES = ("decode", "aggregated")
 GONE_STATES = ("draining", "stopped")
@@ -146,10 +149,11 @@ class Smoke:
         return self.model
 
     async def _post(self, path: str, body: Any, *, raw: bytes | None = None,
-                    content_type: str = "application/json") -> tuple[int, dict[str, str], Any]:
+                    content_type: str = "application/json",
+                    headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
         data = raw if raw is not None else json.dumps(body).encode()
         async with self.http.post(f"{self.endpoint}{path}", data=data,
-                                  headers={"Content-Type": content_type}) as r:
+                                  headers={"Content-Type": content_type, **(headers or {})}) as r:
             text = await r.text()
             try:
                 parsed = json.loads(text)
@@ -157,14 +161,14 @@ class Smoke:
                 parsed = text
             return r.status, {k.lower(): v for k, v in r.headers.items()}, parsed
 
-    async def _stream(self, path: str, body: dict[str, Any]
+    async def _stream(self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
                       ) -> tuple[int, dict[str, str], list[dict[str, Any]], bool, float | None]:
         """POST a streamed request; (status, headers, chunks, saw [DONE], first-token s)."""
         t0 = self.clock()
         chunks: list[dict[str, Any]] = []
         done = False
         first: float | None = None
-        async with self.http.post(f"{self.endpoint}{path}", json=body) as r:
+        async with self.http.post(f"{self.endpoint}{path}", json=body, headers=headers) as r:
             headers = {k.lower(): v for k, v in r.headers.items()}
             if r.status != 200:
                 await r.read()
@@ -332,7 +336,7 @@ class Smoke:
             before = {wid: await self._nixl_count(url) for wid, url in decoders.items()}
             status, headers, chunks, done, _ = await self._stream("/completions", {
                 "model": model, "prompt": unique_text(words), "max_tokens": 4,
-                "temperature": 0, "stream": True})
+                "temperature": 0, "stream": True}, FORCE_REMOTE)
             if status != 200 or not done or not chunks:
                 raise CheckFailed(f"the long streamed completion failed (status {status}, "
                                   f"{len(chunks)} chunks, [DONE] {'seen' if done else 'missing'})")
@@ -381,7 +385,7 @@ class Smoke:
             await self._wait_idle()
             body = {"model": model, "prompt": unique_text(words), "max_tokens": GREEDY_TOKENS,
                     "temperature": 0, "ignore_eos": True}
-            status, headers, data = await self._post("/completions", body)
+            status, headers, data = await self._post("/completions", body, headers=FORCE_REMOTE)
             if status != 200:
                 raise CheckFailed(f"the greedy completion failed: {status} {_preview(str(data))}")
             if headers.get("x-pdbox-pd") != "remote":

@@ -26,6 +26,7 @@ from pdbox.router import openai_errors as oe
 from pdbox.router.admission import Admission, QueueFull
 from pdbox.router.backends import Backend, Registry
 from pdbox.router.engine_stats import ENGINE_WINDOW_S, engine_figures
+from pdbox.router.kv_events import render_prometheus
 from pdbox.router.metrics import RATE_WINDOW_S, RouterMetrics, answer_figures
 from pdbox.router.migration import MigratingStream, Migrator, Settings, stall_timeout_s
 from pdbox.router.pd import PrefillFailed, decode_body, prefill_leg
@@ -86,6 +87,9 @@ class Router:
         )
         self.approx = ApproxIndex(r.index_blocks_per_worker)
         self.precise = PreciseIndex(self.block_size) if r.kv_events else None
+        if self.precise is not None and events is not None:
+            # Gaps, replays and dead KV-event streams go to the TUI's Events pane.
+            self.precise.on_event = lambda message: events("kv", message)
         # An interactive request expected to wait more than half its TTFT target
         # (the other half is for prefill and the first token) is refused at once
         # rather than queued to miss it.
@@ -98,6 +102,8 @@ class Router:
                                  Settings(stall_s=stall_timeout_s(profile.slo.itl_s)))
         self.decisions: deque[Decision] = deque(maxlen=50)
         self._xfer_seen: dict[tuple[str, ...], tuple[float, ...]] = {}
+        # request id -> (worker, prompt block hashes, sent at): KV events due once prefilled
+        self._awaiting_events: dict[str, tuple[str, list[int], float]] = {}
         self.events = events
         self.session: aiohttp.ClientSession | None = None
         self._upstream_timeout = aiohttp.ClientTimeout(total=r.request_timeout_s, sock_connect=5)
@@ -164,7 +170,8 @@ class Router:
                 self.metrics.kv_xfer_failures.set(
                     b.metrics["vllm:nixl_num_failed_transfers_total"], worker=b.id)
         self.metrics.queued.set(self.admission.queued)
-        return web.Response(text=self.metrics.render() + self.migrator.render(),
+        kv = "\n".join(render_prometheus(self.precise.feeds)) + "\n" if self.precise else ""
+        return web.Response(text=self.metrics.render() + self.migrator.render() + kv,
                             content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 
@@ -331,11 +338,26 @@ class Router:
             self.approx.blocks_per_worker = min(sizes)
 
     def _match(self, ids: list[str], hashes: list[int]) -> dict[str, int]:
+        """Leading blocks each worker holds: from its KV events while their feed is
+        healthy (they see evictions), else from what the router sent it."""
         m = self.approx.match_all(ids, hashes)
         if self.precise is not None:
-            for wid, n in self.precise.match_all(ids, hashes).items():
-                m[wid] = max(m.get(wid, 0), n)
+            now = time.monotonic()
+            for wid in ids:
+                if self.precise.trusted(wid, now):
+                    m[wid] = self.precise.match(wid, hashes)
         return m
+
+    def _blocks_cached(self, request_id: str) -> None:
+        """A request's prefill is done on a worker: if its index lacks the prompt's
+        blocks, that worker's KV events about them are due (a silent feed is dead)."""
+        sent = self._awaiting_events.pop(request_id, None)
+        if sent is None or self.precise is None:
+            return
+        wid, hashes, since = sent
+        feed = self.precise.feeds.get(wid)
+        if feed is not None and self.precise.match(wid, hashes) < len(hashes):
+            feed.expect(since, time.monotonic())
 
     async def _run(self, request: web.Request, body: dict[str, Any], kind: str,
                    tokens: list[int], hashes: list[int], decode: Backend, matched_tokens: int,
@@ -353,6 +375,11 @@ class Router:
             # kv_transfer_params name one request's blocks; a batch prefills where it decodes.
             pd, reason, prefill_id = "local", f"local: a batch of {batch} prompts", None
         elif self.profile.is_pd and decode.role == "decode":
+            force = request.headers.get("x-pdbox-pd", "").strip().lower() or None
+            if force not in (None, "auto", "remote", "local"):
+                self.metrics.requests.inc(outcome="bad_request")
+                return oe.error_response(400, "x-pdbox-pd must be 'remote', 'local' or 'auto'.",
+                                         "invalid_request_error")
             prefills = self.registry.of_roles(("prefill",))
             if prefills:
                 pm = self._match([b.id for b in prefills], hashes)
@@ -363,13 +390,15 @@ class Router:
                 if b is not None:
                     self.decider.set_slice(b.id, self._slice_key(b.role))
             dec = self.decider.decide(uncached, prefill.view() if prefill else None,
-                                      decode.view(), time.monotonic())
+                                      decode.view(), time.monotonic(),
+                                      None if force == "auto" else force)
             reason = dec.reason
             pd = "remote" if dec.remote else "local"
             if dec.remote and prefill is not None:
                 prefill.inflight += 1
                 # The decider times the leg net of the prefills already queued there.
-                self.decider.prefill_sent(prefill.id, request_id, uncached, time.monotonic())
+                leg_sent = time.monotonic()
+                self.decider.prefill_sent(prefill.id, request_id, uncached, leg_sent)
                 leg_ok = False
                 try:
                     kv_params = await prefill_leg(self.session, prefill.url, path, body, request_id,
@@ -377,6 +406,8 @@ class Router:
                     leg_ok = True
                     self.metrics.routed.inc(worker=prefill.id, leg="prefill")
                     self.approx.record(prefill.id, hashes)
+                    self._awaiting_events[request_id] = (prefill.id, hashes, leg_sent)
+                    self._blocks_cached(request_id)
                 except PrefillFailed as exc:
                     self.metrics.fallbacks.inc(cause=_cause(str(exc)))
                     pd = "local"
@@ -409,6 +440,7 @@ class Router:
             headers["x-pdbox-prefill-worker"] = prefill_id
         decode.inflight += 1
         decode.routed += 1
+        self._awaiting_events[request_id] = (decode.id, hashes, time.monotonic())
         try:
             return await self._decode_leg(request, body, kv_params, decode, path, headers,
                                           request_id, decision, hashes, uncached, t0, last_try)
@@ -416,6 +448,7 @@ class Router:
             decode.inflight -= 1
             # No first token seen (not streamed, failed): end its backlog entry unlearnt.
             self.decider.prefill_done(decode.id, request_id, time.monotonic(), ok=False)
+            self._awaiting_events.pop(request_id, None)
 
     async def _decode_leg(self, request: web.Request, body: dict[str, Any],
                           kv_params: dict[str, Any] | None, decode: Backend, path: str,
@@ -461,6 +494,7 @@ class Router:
                 self.metrics.requests.inc(outcome="ok" if ok else "upstream_error")
                 if ok:
                     self._record_answer(decode, data, t0)
+                    self._blocks_cached(request_id)
                 return web.Response(body=data, status=upstream.status, headers=headers,
                                     content_type=upstream.content_type or "application/json")
             source = self.migrator.stream(self.session, upstream, decode, sent, path,
@@ -532,6 +566,7 @@ class Router:
                         first = now
                         self._observe_ttft(now - t0, now, "stream")
                         self.decider.prefill_done(decode.id, decision.request_id, now)
+                        self._blocks_cached(decision.request_id)
                     else:
                         gap = (now - last) / read.tokens
                         self.metrics.itl.observe(gap, now, weight=read.tokens)
@@ -647,6 +682,8 @@ class Router:
             "nixl_mb_per_s": mbps,
             "policy": self.policy,
             "decider": self.decider.estimates(),
+            "kv_events": {wid: f.snapshot() for wid, f in sorted(self.precise.feeds.items())}
+            if self.precise is not None else {},
             "last_decisions": [d.to_dict() for d in list(self.decisions)[-10:]],
             "engine": self.engine_snapshot(now),
         }

@@ -275,10 +275,16 @@ class PDDecider:
     # ----------------------------------------------------------- decision
 
     def decide(self, uncached_tokens: int, prefill: WorkerLoad | None, decode: WorkerLoad,
-               now: float) -> PDDecision:
+               now: float, force: str | None = None) -> PDDecision:
+        """`force` ("remote" or "local", from the client's x-pdbox-pd header) overrides
+        the gate and the rule; remote still needs a ready prefill worker."""
         tokens = max(0, int(uncached_tokens))
+        if force == "local":
+            return PDDecision(False, f"local: asked by the client; {tokens} uncached tokens")
         if prefill is None or not prefill.ready:
             return PDDecision(False, "local: no ready prefill worker")
+        if force == "remote":
+            return PDDecision(True, f"remote: asked by the client; {tokens} uncached tokens")
         if tokens < self.min_uncached_tokens:
             return PDDecision(
                 False, f"local: {tokens} uncached tokens < {self.min_uncached_tokens} threshold")

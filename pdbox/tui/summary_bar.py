@@ -19,6 +19,9 @@ def render_summary(snap: dict[str, Any], *, attached: bool, error: str | None) -
     line.append(f" · {snap.get('endpoint') or fmt.NA} · up {fmt.duration(snap.get('uptime_s'))}")
     if attached:
         line.append(" · attached", style="dim")
+    if snap.get("serving"):
+        # e.g. "aggregated until prefill-0 is ready": pdbox serves before every worker is.
+        line.append(f" · serving ({snap['serving']})", style="bold yellow")
     if error:
         line.append(f"  ✖ {error}", style="bold red")
     return line
@@ -32,7 +35,8 @@ class SummaryBar(Static):
 
     def apply(self, snap: dict[str, Any], error: str | None = None) -> None:
         key = (snap.get("version"), snap.get("profile"), snap.get("mode"), snap.get("policy"),
-               snap.get("endpoint"), fmt.duration(snap.get("uptime_s")), error)
+               snap.get("endpoint"), fmt.duration(snap.get("uptime_s")), snap.get("serving"),
+               error)
         if key == self._last:
             return
         self._last = key

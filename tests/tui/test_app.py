@@ -302,3 +302,15 @@ def test_top_without_pdbox_says_so(tmp_path: Any, monkeypatch: pytest.MonkeyPatc
     result = CliRunner().invoke(top, [])
     assert result.exit_code == 1
     assert "pdbox is not running (start it with: pdbox up)" in result.output
+
+
+def test_summary_says_while_it_serves_before_every_worker_is_ready() -> None:
+    from pdbox.tui.summary_bar import render_summary
+
+    snap = {"version": "0.1.0", "profile": "cpu-tiny", "mode": "pd", "policy": "prefix",
+            "endpoint": "http://127.0.0.1:8000/v1", "uptime_s": 12.0,
+            "serving": "aggregated until prefill-0 is ready"}
+    assert "serving (aggregated until prefill-0 is ready)" in text_of(
+        render_summary(snap, attached=False, error=None))
+    snap["serving"] = ""
+    assert "serving" not in text_of(render_summary(snap, attached=False, error=None))

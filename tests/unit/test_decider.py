@@ -215,3 +215,13 @@ def test_forget_worker_drops_its_backlog_but_keeps_the_slice_speed() -> None:
     d.forget_worker("prefill-0")
     assert d.queue_s("prefill-0", clock()) == 0.0
     assert d.prefill_tps("decode-0") == pytest.approx(300.0)
+
+
+def test_the_client_can_force_the_path() -> None:
+    d, clock = tiny(), Clock()
+    idle = w("decode-0")
+    assert d.decide(20, w("prefill-0", role="prefill"), idle, clock(), force="remote").remote
+    assert not d.decide(5000, w("prefill-0", role="prefill"), w("decode-0", running=8),
+                        clock(), force="local").remote
+    # Remote still needs a prefill worker.
+    assert not d.decide(5000, None, idle, clock(), force="remote").remote
