@@ -311,6 +311,6 @@ def test_summary_says_while_it_serves_before_every_worker_is_ready() -> None:
             "endpoint": "http://127.0.0.1:8000/v1", "uptime_s": 12.0,
             "serving": "aggregated until prefill-0 is ready"}
     assert "serving (aggregated until prefill-0 is ready)" in text_of(
-        render_summary(snap, attached=False, error=None))
+        render_summary(snap, attached=False, error=None), width=200)
     snap["serving"] = ""
     assert "serving" not in text_of(render_summary(snap, attached=False, error=None))
