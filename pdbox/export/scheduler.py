@@ -126,6 +126,8 @@ def epp_config(profile: Profile, led: Ledger) -> dict[str, Any]:
         profiles = [{"name": "default", "plugins": [{"pluginRef": picker}, *scored]}]
         led.ignore("router.pd_min_uncached_tokens", "no P/D in an aggregated profile")
         led.ignore("router.pd_decider", "no P/D in an aggregated profile")
+        led.ignore("router.soft_roles", "no P/D in an aggregated profile")
+        led.ignore("router.soft_roles_hold_s", "no P/D in an aggregated profile")
     return {
         "apiVersion": T.EPP_CONFIG_API_VERSION,
         "kind": "EndpointPickerConfig",
@@ -153,6 +155,16 @@ def _pd_plugins(profile: Profile, led: Ledger) -> list[dict[str, Any]]:
             "prefix-based-pd-decider nonCachedTokens (llm-d estimates tokens as bytes / 4)",
             r.pd_min_uncached_tokens,
         )
+    if r.soft_roles:
+        led.warn(
+            "router.soft_roles",
+            "a prefill pod serving short requests whole while it has no prefill work has no "
+            "llm-d equivalent: the exported pods keep a fixed P/D split",
+        )
+        led.ignore("router.soft_roles_hold_s", "soft roles are not exported")
+    else:
+        led.ignore("router.soft_roles", "off: a fixed P/D split, as the export")
+        led.ignore("router.soft_roles_hold_s", "soft roles are off")
     if r.pd_decider == "adaptive":
         led.warn(
             "router.pd_decider",
