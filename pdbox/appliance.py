@@ -320,6 +320,12 @@ class Appliance:
         await self.fleet.set_replicas(role, replicas, "operator")
         return {"role": role, "replicas": replicas}
 
+    async def scale_split(self, spec: str | None) -> dict[str, Any]:
+        """Pin the prefill/decode split (`pdbox scale split A/B`), or unpin it (None)."""
+        if self.attach or self.fleet is None:
+            raise ValueError("workers attached with --attach cannot be re-split by pdbox")
+        return self.fleet.resplitter.pin_split(spec)
+
     async def _autoscale_loop(self) -> None:
         period = self.profile.autoscaler.period_s
         while True:
@@ -333,7 +339,8 @@ class Appliance:
                 for d in self.autoscaler.step(time.monotonic(), metrics, budget):
                     self.event("scale", d.reason)
                     await self.fleet.set_replicas(d.role, d.to, d.reason)
-                self.fleet.maybe_resplit()
+                self.fleet.maybe_resplit(self.router.metrics.itl.percentile(
+                    0.9, time.monotonic() - max(period, 10.0)) if self.router else None)
             except Exception as exc:  # noqa: BLE001 - the controller must never take pdbox down
                 self.event("error", f"autoscaler step failed: {exc!r}")
 
@@ -396,6 +403,11 @@ class Appliance:
         auto = autoscaler_view(self.profile, self.autoscaler.status(), workers,
                                self.autoscaler.pinned,
                                self.profile.autoscaler.enabled and not self.attach)
+        if self.fleet is not None and self.profile.is_pd:
+            auto["split"] = self.fleet.resplitter.status(time.monotonic())
+        mix = router.get("soft_roles", {}).get("role_mix", {})
+        for w in workers:
+            w["role_mix"] = mix.get(w["id"])
         mps = self.fleet.mps if self.fleet else None
         hw = hardware_snapshot(self.gpu, mps.state() if mps else None, self.cpu) \
             if self.gpu is not None else {}

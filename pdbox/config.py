@@ -165,6 +165,8 @@ class AutoscalerConfig:
     target_kv_usage: float = 0.8
     target_utilization: float = 0.85
     resplit: bool = False
+    # After a re-split, the split stays at least this long (each move restarts workers).
+    resplit_dwell_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -519,6 +521,8 @@ def validate(p: Profile, ld: _Loader | None = None) -> None:
         raise fail("router.port", "must lie within 0..65535")
     if r.pd_min_uncached_tokens < 0:
         raise fail("router.pd_min_uncached_tokens", "must not be negative")
+    if p.autoscaler.resplit_dwell_s < 0:
+        raise fail("autoscaler.resplit_dwell_s", "must not be negative")
     if r.soft_roles_hold_s < 0:
         raise fail("router.soft_roles_hold_s", "must not be negative")
     if r.queue_bound < 1:

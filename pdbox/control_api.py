@@ -24,6 +24,7 @@ class Core(Protocol):
     def unsubscribe(self, q: asyncio.Queue[dict[str, Any]]) -> None: ...
     def log_tail(self, worker_id: str, lines: int) -> list[str] | None: ...
     async def scale(self, role: str, replicas: int | None) -> dict[str, Any]: ...
+    async def scale_split(self, spec: str | None) -> dict[str, Any]: ...
     def set_policy(self, policy: str) -> None: ...
     async def restart_worker(self, worker_id: str) -> None: ...
     def request_shutdown(self) -> None: ...
@@ -91,6 +92,15 @@ def add_routes(app: web.Application, core: Core, token: str) -> None:
         replicas = body.get("replicas")
         if not isinstance(role, str):
             raise BadRequest(400, "'role' must be a string.")
+        if role == "split":
+            if not isinstance(replicas, str) or not 0 < len(replicas) <= 64:
+                raise BadRequest(400, "'replicas' of the split must be PREFILL/DECODE "
+                                 "(e.g. \"60/40\" or \"1/0\") or \"auto\".")
+            try:
+                result = await core.scale_split(None if replicas == "auto" else replicas)
+            except ValueError as exc:
+                raise BadRequest(400, str(exc)) from None
+            return web.json_response(result)
         if replicas == "auto":
             n = None
         elif isinstance(replicas, int) and not isinstance(replicas, bool) and 0 <= replicas <= 64:

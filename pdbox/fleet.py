@@ -97,9 +97,11 @@ class Fleet:
         self.online: list[int] | None = None
         self.fatal: str | None = None
         self.drains: dict[str, asyncio.Task[Any]] = {}
-        self.resplitting = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._start_s: dict[str, float] = {}  # role -> mean start-up seconds seen
+        from pdbox.fleet_resplit import Resplitter
+
+        self.resplitter = Resplitter(self)
 
     # ----------------------------------------------------------------- start
 
@@ -297,61 +299,9 @@ class Fleet:
 
     # --------------------------------------------------------------- re-split
 
-    def maybe_resplit(self) -> None:
-        """Move a core (CPU) or SM share (MPS) between roles when their loads diverge."""
-        from pdbox import resplit
-        from pdbox.autoscaler import propose_split
-
-        p = self.profile
-        if not (p.autoscaler.resplit and p.is_pd) or self.resplitting or self.drains:
-            return
-        load = {r: 0.0 for r in ("prefill", "decode")}
-        for b in self.registry.backends.values():
-            if b.role in load:
-                load[b.role] += b.waiting + b.running + b.inflight
-        pre, dec = resplit.demands(load["prefill"], load["decode"])
-        old = resplit.current_split(self.live_profile)
-        new = propose_split(self.live_profile, pre, dec, old)
-        if new is None:
-            return
-        self.resplitting = True
-        self.event("scale", f"re-split: {resplit.describe(old, new)} "
-                   f"(load prefill {load['prefill']:.0f}, decode {load['decode']:.0f})")
-        previous = self.live_profile
-        self.live_profile = resplit.apply_split(self.live_profile, new)
-        self._tasks.append(asyncio.create_task(
-            self._rolling_restart(("prefill", "decode"), previous)))
-
-    async def _rolling_restart(self, roles: tuple[str, ...], previous: Profile) -> None:
-        """Replace each role's workers with ones on the new split, one role at a time.
-
-        Each replacement starts (on the new cores or SM share) before the worker
-        it replaces is drained, so no role ever has zero workers.
-        """
-        try:
-            for role in roles:
-                old = self.role_workers(role)
-                new = [self.add_worker(role) for _ in old]
-                deadline = time.monotonic() + self.profile.engine.start_timeout_s
-                while time.monotonic() < deadline and not all(
-                        w.state == "ready" for w in new):
-                    if any(w.state == "failed" for w in new):
-                        break
-                    await asyncio.sleep(1.0)
-                if not all(w.state == "ready" for w in new):
-                    self.event("error", f"re-split: new {role} workers did not become ready; "
-                               "keeping the old ones")
-                    self.live_profile = previous
-                    for w in new:
-                        self.drain(w)
-                    return
-                for w in old:
-                    self.drain(w)
-                while any(w.id in self.drains for w in old):
-                    await asyncio.sleep(0.5)
-            self.event("scale", "re-split done")
-        finally:
-            self.resplitting = False
+    def maybe_resplit(self, decode_itl_p90_s: float | None = None) -> None:
+        """The slow loop's look at the split (fleet_resplit.Resplitter)."""
+        self.resplitter.maybe_resplit(decode_itl_p90_s)
 
     # ------------------------------------------------------------------ stop
 

@@ -4,14 +4,20 @@ The controller (`pdbox.autoscaler.propose_split`) says when the prefill/decode
 load ratio has moved far enough to move a core (CPU) or SM share (GPU with MPS)
 from one role to the other. This module turns the current profile into that
 Split and back: `current_split` reads it, `apply_split` gives the profile the
-new workers of each role are started with. The appliance then restarts one
-role at a time, starting each replacement before draining the worker it
-replaces, so the role never drops to zero. Pure functions; no processes here.
+new workers of each role are started with. The fleet then restarts one
+role at a time, break before make: the role's old workers stop before its
+new ones start, so the card never holds both (`memory_sequence` checks every
+step against it), while the other role serves every request aggregated
+(soft roles, pdbox/router/soft_roles.py). `SplitController` says when to
+move (hysteresis, a minimum dwell, the operator's pin); `size_decode_batch`
+sizes the decode batch applied at the same restarts. Pure functions; no
+processes here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from pdbox.autoscaler import Split
 from pdbox.config import Profile, parse_core_set
@@ -64,3 +70,239 @@ def describe(old: Split, new: Split) -> str:
 
 def _fmt(cores: tuple[int, ...]) -> str:
     return ",".join(str(c) for c in cores) or "-"
+
+
+# ------------------------------------------------------------- operator's split
+
+
+class SplitError(ValueError):
+    """A split the operator asked for cannot be applied; str() is one sentence."""
+
+
+def parse_split(profile: Profile, text: str) -> Split:
+    """`pdbox scale split A/B`: A for prefill, B for decode.
+
+    CPU: core sets (`0-2/3`, or `1/0` to swap the roles of a two-core box);
+    together they must be the cores the box's P/D roles hold now, each role
+    at least one, none shared. GPU with MPS: SM percentages summing to 100,
+    each at least 10.
+    """
+    if not profile.is_pd or profile.prefill is None or profile.decode is None:
+        raise SplitError(f"profile {profile.name} is not P/D: there is no split to pin")
+    parts = text.strip().split("/")
+    if len(parts) != 2 or not all(parts):
+        raise SplitError(f"a split reads PREFILL/DECODE (e.g. 60/40, or 1/0 for cores), "
+                         f"not {text!r}")
+    now = current_split(profile)
+    if profile.hardware.device == "cpu":
+        try:
+            pre, dec = (tuple(parse_core_set(p)) for p in parts)
+        except ValueError:
+            raise SplitError(f"on a CPU a split names core sets, e.g. 0/1 or 0-2/3, "
+                             f"not {text!r}") from None
+        if set(pre) & set(dec):
+            raise SplitError(f"prefill and decode may not share a core ({text})")
+        have = set(now.prefill_cores) | set(now.decode_cores)
+        if set(pre) | set(dec) != have:
+            raise SplitError(f"the split must use exactly the cores the roles hold now "
+                             f"({_fmt(tuple(sorted(have)))}), not {text}")
+        return Split(prefill_cores=pre, decode_cores=dec)
+    if profile.hardware.sharing != "mps":
+        raise SplitError("only a CPU box or one GPU shared through MPS can be re-split")
+    try:
+        pre_sm, dec_sm = (int(p) for p in parts)
+    except ValueError:
+        raise SplitError(f"on a GPU a split names SM percentages, e.g. 60/40, "
+                         f"not {text!r}") from None
+    if pre_sm + dec_sm != 100 or min(pre_sm, dec_sm) < SM_FLOOR:
+        raise SplitError(f"SM percentages must sum to 100 with each at least {SM_FLOOR} "
+                         f"(got {pre_sm}/{dec_sm})")
+    return Split(prefill_sm_percent=pre_sm, decode_sm_percent=dec_sm)
+
+
+SM_FLOOR = 10
+
+
+# --------------------------------------------------- break before make, in order
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One move of a re-split: stop the role's old workers, or start its new ones.
+
+    `fractions` are the memory fractions of every worker alive once the step
+    is done (GPU; empty on a CPU): what the card must hold at that moment.
+    """
+
+    action: str  # stop | start
+    role: str
+    count: int
+    fractions: tuple[float, ...] = ()
+
+    def describe(self) -> str:
+        what = f"{self.action} {self.count} {self.role} worker(s)"
+        if self.fractions:
+            what += f" (card: {sum(self.fractions):.2f} of memory in use after)"
+        return what
+
+
+def order_roles(old: Profile, new: Profile) -> tuple[str, ...]:
+    """The role whose memory shrinks goes first (its memory frees before the other
+    grows); on a CPU, or when neither changes, prefill first: its requests are the
+    ones the decode worker serves best alone (as local prefills)."""
+    if old.hardware.device == "cuda" and old.prefill and new.prefill and old.decode \
+            and new.decode:
+        d_pre = new.prefill.memory_fraction - old.prefill.memory_fraction
+        d_dec = new.decode.memory_fraction - old.decode.memory_fraction
+        if d_dec < d_pre:
+            return ("decode", "prefill")
+    return ("prefill", "decode")
+
+
+def memory_sequence(old: Profile, new: Profile, counts: dict[str, int],
+                    others: tuple[float, ...] = (), *, facts: Any = None,
+                    card_bytes: int | None = None) -> list[Step]:
+    """The steps of a break-before-make re-split, each checked against the card.
+
+    `counts`: workers per role now. `others`: memory fractions of workers no
+    re-split touches. One role at a time: its old workers stop (the other role
+    serves every request meanwhile), then its new ones start. Raises SplitError,
+    naming the step, when the card could not hold what is alive after a step,
+    or (given the model's `facts` and the card's bytes) when a new worker's
+    memory ledger (pdbox/plan) leaves it no room for weights, headroom and one
+    sequence's KV.
+    """
+    from pdbox.hardware.mps import check_memory_fractions
+
+    cuda = old.hardware.device == "cuda"
+    frac = {r: old.role(r).memory_fraction for r in ("prefill", "decode")}
+    alive = dict(counts)
+    steps: list[Step] = []
+    for role in order_roles(old, new):
+        n = counts.get(role, 0)
+        if n == 0:
+            continue
+        for action in ("stop", "start"):
+            if action == "stop":
+                alive[role] = 0
+            else:
+                alive[role] = n
+                frac[role] = new.role(role).memory_fraction
+                if cuda and facts is not None and card_bytes:
+                    _check_ledger(new, role, facts, card_bytes)
+            fr = tuple(f for r in ("prefill", "decode") for f in [frac[r]] * alive[r]) + others \
+                if cuda else ()
+            if cuda and fr:
+                try:
+                    check_memory_fractions(list(fr))
+                except ValueError as exc:
+                    raise SplitError(f"re-split step '{action} {role}' would not fit: "
+                                     f"{exc}") from None
+            steps.append(Step(action, role, n, fr))
+    return steps
+
+
+def _check_ledger(profile: Profile, role: str, facts: Any, card_bytes: int) -> None:
+    from pdbox.plan.memory import cap_bytes
+    from pdbox.workers.vllm import worker_ledger
+
+    fraction = profile.role(role).memory_fraction
+    ledger = worker_ledger(profile, role, cap_bytes(fraction, card_bytes), facts)
+    problem = ledger.problem(f"the new {role} worker", f"MPS cap {fraction:g}", role)
+    if problem:
+        raise SplitError(f"re-split step 'start {role}' would not fit: {problem}")
+
+
+def make_before_break_peak(old: Profile, counts: dict[str, int]) -> float:
+    """The card's memory at the worst moment of the old rolling restart (a role's
+    replacement started before its worker stops): shown to say why that was refused."""
+    total = sum(old.role(r).memory_fraction * counts.get(r, 0) for r in ("prefill", "decode"))
+    return max(total + old.role(r).memory_fraction * counts.get(r, 0)
+               for r in ("prefill", "decode"))
+
+
+# ------------------------------------------------------------------ the slow loop
+
+
+class SplitController:
+    """When to move the split: the load ratio's hysteresis (`propose_split`), a
+    minimum dwell after each move (each costs a worker restart: a minute of
+    model loading on a GPU), and the operator's pin. Pure: the clock is an argument.
+    """
+
+    def __init__(self, dwell_s: float) -> None:
+        self.dwell_s = dwell_s
+        self.pinned: str | None = None  # the operator's split text, while pinned
+        self.last_move_at = float("-inf")
+        self.last_reason = ""
+        self.phase = ""  # what a re-split in progress is doing now
+        self.held = ""  # why the last look moved nothing
+
+    def propose(self, profile: Profile, prefill_load: float, decode_load: float,
+                now: float) -> Split | None:
+        from pdbox.autoscaler import propose_split
+
+        if self.pinned is not None:
+            self.held = f"pinned to {self.pinned} by the operator"
+            return None
+        left = self.dwell_s - (now - self.last_move_at)
+        if left > 0:
+            self.held = f"dwell: {left:.0f}s until the split may move again"
+            return None
+        new = propose_split(profile, *demands(prefill_load, decode_load), current_split(profile))
+        self.held = "" if new else "load ratio within the hysteresis band"
+        return new
+
+    def moved(self, now: float, reason: str) -> None:
+        self.last_move_at = now
+        self.last_reason = reason
+
+    def status(self, profile: Profile, now: float) -> dict[str, object]:
+        split = current_split(profile)
+        return {
+            "split": describe_split(split),
+            "prefill_share": split.prefill_share(),
+            "pinned": self.pinned,
+            "last_reason": self.last_reason or None,
+            "last_move_s_ago": None if self.last_move_at == float("-inf")
+            else now - self.last_move_at,
+            "phase": self.phase or None,
+            "held": self.held or None,
+            "dwell_s": self.dwell_s,
+        }
+
+
+def describe_split(split: Split) -> str:
+    """'prefill cores 0 / decode cores 1', or 'prefill 60% SM / decode 40% SM'."""
+    if split.prefill_cores or split.decode_cores:
+        return f"prefill cores {_fmt(split.prefill_cores)} / decode cores {_fmt(split.decode_cores)}"
+    return f"prefill {split.prefill_sm_percent}% SM / decode {split.decode_sm_percent}% SM"
+
+
+# ------------------------------------------------------------------ batch sizing
+
+# Bounds of the decode batch the loop may set (vLLM's default is 256 sequences).
+MIN_SEQS = 4
+MAX_SEQS = 256
+
+
+def size_decode_batch(current: int, running: float, waiting: float, itl_p90_s: float | None,
+                      itl_slo_s: float) -> int:
+    """max_num_seqs for the decode role's next workers, from its queue and ITL.
+
+    The seed's "adjust batch size based on queue length": ITL over target with
+    nothing waiting means the batch is larger than the role can step in time,
+    so it is cut to what kept ITL at target (running x target / ITL); requests
+    waiting while ITL has room means the batch cap holds them back, so it
+    doubles. `current` 0 is vLLM's default (256). Applied only at a re-split's
+    restarts: changing it needs a worker restart.
+    """
+    cur = current or MAX_SEQS
+    if itl_p90_s is None or itl_slo_s <= 0:
+        return current
+    if itl_p90_s > itl_slo_s and waiting <= 0 and running > 0:
+        want = int(running * itl_slo_s / itl_p90_s)
+        return max(MIN_SEQS, min(cur, want))
+    if waiting > 0 and itl_p90_s < 0.5 * itl_slo_s:
+        return min(MAX_SEQS, cur * 2)
+    return current

@@ -67,6 +67,31 @@ def status(as_json: bool) -> None:
     click.echo(f"P/D remote {r.get('pd_remote')}  local {r.get('pd_local')}  "
                f"fallbacks {r.get('fallbacks')}  429s {r.get('rejected_429')}  "
                f"NIXL {_fmt(r.get('nixl_xfer_ms'), 'ms', digits=1)}")
+    _soft_roles(snap)
+
+
+def _soft_roles(snap: dict[str, Any]) -> None:
+    """Each worker's effective role mix and the split (issue 15), when P/D."""
+    soft = (snap.get("router") or {}).get("soft_roles") or {}
+    split = (snap.get("autoscaler") or {}).get("split") or {}
+    if not soft and not split:
+        return
+    if split:
+        pin = f"  pinned {split['pinned']}" if split.get("pinned") else ""
+        now = f"  moving: {split['phase']}" if split.get("phase") else ""
+        click.echo(f"split {split.get('split')}{pin}{now}")
+    if soft:
+        legs = soft.get("split") or {}
+        click.echo(f"soft roles {'on' if soft.get('enabled') else 'off'}  legs: whole "
+                   f"{_fmt(legs.get('whole'), '%', 100, 0)} prefill "
+                   f"{_fmt(legs.get('prefill'), '%', 100, 0)} decode "
+                   f"{_fmt(legs.get('decode'), '%', 100, 0)} "
+                   f"(last {_fmt(soft.get('window_s'), 's', digits=0)})")
+        for wid, m in sorted((soft.get("role_mix") or {}).items()):
+            click.echo(f"  {wid:<14}{int(m.get('requests') or 0):>6} requests  whole "
+                       f"{_fmt(m.get('whole'), '%', 100, 0):>5}  prefill leg "
+                       f"{_fmt(m.get('prefill'), '%', 100, 0):>5}  decode leg "
+                       f"{_fmt(m.get('decode'), '%', 100, 0):>5}")
 
 
 @click.command()
@@ -92,11 +117,23 @@ def down(timeout: float) -> None:
 
 
 @click.command()
-@click.argument("role", type=click.Choice(["prefill", "decode", "aggregated"]))
+@click.argument("role", type=click.Choice(["prefill", "decode", "aggregated", "split"]))
 @click.argument("replicas")
 @click.option("--json", "as_json", is_flag=True)
 def scale(role: str, replicas: str, as_json: bool) -> None:
-    """Pin ROLE at REPLICAS workers, or give it back to the autoscaler with `auto`."""
+    """Pin ROLE at REPLICAS workers, or give it back to the autoscaler with `auto`.
+
+    `pdbox scale split PREFILL/DECODE` pins the split of a P/D box: SM percentages on a
+    GPU (60/40), core sets on a CPU (0-2/3, or 1/0 to swap two cores); `auto` unpins it.
+    """
+    if role == "split":
+        try:
+            out = _client().sync_scale(role, replicas)
+        except ControlError as exc:
+            raise click.ClickException(str(exc)) from None
+        moving = " (re-splitting)" if out.get("moving") else ""
+        click.echo(json.dumps(out) if as_json else f"split: {out.get('split')}{moving}")
+        return
     if replicas == "auto":
         n: int | str = "auto"
     else:

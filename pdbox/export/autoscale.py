@@ -55,6 +55,7 @@ def book(profile: Profile, led: Ledger) -> None:
             "target_kv_usage",
             "target_utilization",
             "resplit",
+            "resplit_dwell_s",
         ):
             led.ignore(f"autoscaler.{key}", "autoscaler disabled")
         return
@@ -104,6 +105,7 @@ def book(profile: Profile, led: Ledger) -> None:
         )
     else:
         led.ignore("autoscaler.resplit", "off")
+    led.ignore("autoscaler.resplit_dwell_s", "no re-split in the export")
 
 
 def hpa(profile: Profile, role: str, rc: RoleConfig, names: Names, led: Ledger) -> dict[str, Any]:

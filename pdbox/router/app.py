@@ -32,6 +32,8 @@ from pdbox.router.migration import MigratingStream, Migrator, Settings, stall_ti
 from pdbox.router.pd import PrefillFailed, decode_body, prefill_leg
 from pdbox.router.policy import NoWorker, PDDecider, Picker
 from pdbox.router.prefix_index import ApproxIndex, PreciseIndex, block_hashes
+from pdbox.router.soft_roles import RoleMix, SoftRoles, split_shares
+from pdbox.router.soft_roles import Settings as SoftSettings
 from pdbox.router.sse_meter import SseMeter, wants_usage, with_usage
 from pdbox.router.tokenize import template_kwargs
 
@@ -85,6 +87,12 @@ class Router:
             ttft_slo_s=profile.slo.ttft_s,
             itl_slo_s=profile.slo.itl_s,
         )
+        # Soft roles: the prefill worker also serves short requests whole while it
+        # has no prefill work, and the whole box while no decode worker is ready.
+        self.soft = SoftRoles(SoftSettings(
+            enabled=profile.is_pd and r.soft_roles, gate_tokens=r.pd_min_uncached_tokens,
+            hold_s=r.soft_roles_hold_s, max_streams=r.max_inflight_per_worker))
+        self.role_mix = RoleMix()
         self.approx = ApproxIndex(r.index_blocks_per_worker)
         self.precise = PreciseIndex(self.block_size) if r.kv_events else None
         if self.precise is not None and events is not None:
@@ -130,13 +138,19 @@ class Router:
         ready (monotonic seconds); admission counts it as capacity on its way.
         """
         per = self.profile.router.max_inflight_per_worker
-        n = max(1, len(self.registry.of_roles(self.registry.decode_roles())))
+        n = max(1, len(self.registry.of_roles(self.serving_roles())))
         self.admission.max_inflight = n * per
         if coming_ready_at is not None:
             self.admission.capacity_coming([(t, per) for t in coming_ready_at])
         self.admission._dispatch()  # let waiters in if capacity grew
 
+    def serving_roles(self) -> tuple[str, ...]:
+        """Roles that may serve a request end to end: soft roles add prefill workers."""
+        base = self.registry.decode_roles()
+        return (*base, "prefill") if self.soft.enabled else base
+
     def forget_worker(self, wid: str) -> None:
+        self.soft.forget_worker(wid)
         self.approx.remove_worker(wid)
         if self.precise is not None:
             self.precise.remove_worker(wid)
@@ -154,7 +168,7 @@ class Router:
         app.router.add_get("/metrics", self.prometheus)
 
     async def health(self, request: web.Request) -> web.Response:
-        ok = bool(self.registry.of_roles(self.registry.decode_roles())) and self.accepting
+        ok = bool(self.registry.of_roles(self.serving_roles())) and self.accepting
         return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
 
     async def models(self, request: web.Request) -> web.Response:
@@ -291,30 +305,54 @@ class Router:
         attempt = 0
         while True:
             attempt += 1
-            cands = [b for b in self.registry.of_roles(self.registry.decode_roles())
+            cands = [b for b in self.registry.of_roles(self.serving_roles())
                      if b.id not in excluded]
+            matches = self._match([b.id for b in cands], hashes)
+            cands, soft_note = self._soft_candidates(cands, matches, len(tokens), request)
             if not cands:
                 self.metrics.requests.inc(outcome="unavailable")
                 return oe.error_response(503, "No worker is ready to serve this request.",
                                          "service_unavailable", headers={"Retry-After": "5"})
-            matches = self._match([b.id for b in cands], hashes)
             try:
                 pick = self.picker.pick([b.view() for b in cands], matches, len(hashes),
                                         self.policy, session_key)
             except NoWorker as exc:
                 return oe.error_response(503, str(exc), "service_unavailable")
+            if self.soft.enabled:
+                pick = self.soft.prefer_home(pick, {b.id: b.role for b in cands})
             decode = self.registry.get(pick.worker_id)
             assert decode is not None
             matched_tokens = int(min(len(tokens), matches.get(decode.id, 0) * self.block_size)
                                  / self.units)
+            pick_reason = pick.reason
+            if decode.role == "prefill":
+                pick_reason = f"whole on {decode.id} (soft role): {soft_note}; {pick.reason}"
             result = await self._run(request, body, kind, tokens, hashes, decode, matched_tokens,
-                                     request_id, pick.reason, t0,
-                                     last_try=attempt >= 2 or len(cands) == 1)
+                                     request_id, pick_reason, t0,
+                                     last_try=attempt >= 2 or len(cands) == 1,
+                                     soft_note=soft_note)
             if result is not None:
                 return result
             # Failed before the first byte: once more on another worker.
             excluded.add(decode.id)
             self.metrics.retries.inc()
+
+    def _soft_candidates(self, cands: list[Backend], matches: dict[str, int],
+                         n_tokens: int, request: web.Request) -> tuple[list[Backend], str]:
+        """Prefill workers stay candidates only where soft roles let them serve whole
+        (always while no decode worker is; never when the client forces a P/D path)."""
+        pre = [b for b in cands if b.role == "prefill"]
+        if not pre:
+            return cands, ""
+        n_dec = len(cands) - len(pre)
+        if n_dec and request.headers.get("x-pdbox-pd", "").strip().lower() not in ("", "auto"):
+            return [b for b in cands if b.role != "prefill"], ""
+        prompt = int(n_tokens / self.units)
+        uncached = {b.id: prompt - int(min(n_tokens, matches.get(b.id, 0) * self.block_size)
+                                       / self.units) for b in pre}
+        ok, note = self.soft.eligible([b.view() for b in pre], uncached, n_dec,
+                                      time.monotonic())
+        return [b for b in cands if b.role != "prefill" or b.id in ok], note
 
     def _slice_key(self, role: str) -> str:
         """Workers of equal hardware slices share one prefill-speed estimate."""
@@ -361,8 +399,8 @@ class Router:
 
     async def _run(self, request: web.Request, body: dict[str, Any], kind: str,
                    tokens: list[int], hashes: list[int], decode: Backend, matched_tokens: int,
-                   request_id: str, pick_reason: str, t0: float, last_try: bool
-                   ) -> web.StreamResponse | None:
+                   request_id: str, pick_reason: str, t0: float, last_try: bool,
+                   soft_note: str = "") -> web.StreamResponse | None:
         assert self.session is not None
         path = PATHS[kind]
         kv_params = None
@@ -371,7 +409,10 @@ class Router:
         reason = pick_reason
         uncached = int(len(tokens) / self.units) - matched_tokens
         batch = _prompt_count(body)
-        if self.profile.is_pd and decode.role == "decode" and batch > 1:
+        if decode.role == "prefill":
+            # Soft role: the prefill worker serves this request end to end.
+            pd, prefill_id = "whole", None
+        elif self.profile.is_pd and decode.role == "decode" and batch > 1:
             # kv_transfer_params name one request's blocks; a batch prefills where it decodes.
             pd, reason, prefill_id = "local", f"local: a batch of {batch} prompts", None
         elif self.profile.is_pd and decode.role == "decode":
@@ -392,10 +433,14 @@ class Router:
             dec = self.decider.decide(uncached, prefill.view() if prefill else None,
                                       decode.view(), time.monotonic(),
                                       None if force == "auto" else force)
-            reason = dec.reason
+            if prefill is not None and force in (None, "auto"):
+                dec = self.soft.weigh(dec, prefill.view(), decode.view(),
+                                      uncached / self.decider.prefill_tps(prefill.id))
+            reason = dec.reason + (f"; {soft_note}" if soft_note else "")
             pd = "remote" if dec.remote else "local"
             if dec.remote and prefill is not None:
                 prefill.inflight += 1
+                self.soft.leg_started(prefill.id)
                 # The decider times the leg net of the prefills already queued there.
                 leg_sent = time.monotonic()
                 self.decider.prefill_sent(prefill.id, request_id, uncached, leg_sent)
@@ -417,6 +462,7 @@ class Router:
                                     f"decoding locally: {exc}")
                 finally:
                     prefill.inflight -= 1
+                    self.soft.leg_ended(prefill.id, time.monotonic())
                     self.decider.prefill_done(prefill.id, request_id, time.monotonic(), leg_ok)
             if pd == "local":
                 # Its first token ends the prefill on the decode worker (_relay).
@@ -440,13 +486,17 @@ class Router:
             headers["x-pdbox-prefill-worker"] = prefill_id
         decode.inflight += 1
         decode.routed += 1
+        if pd == "whole":
+            self.soft.whole_started(decode.id)
         self._awaiting_events[request_id] = (decode.id, hashes, time.monotonic())
         try:
             return await self._decode_leg(request, body, kv_params, decode, path, headers,
                                           request_id, decision, hashes, uncached, t0, last_try)
         finally:
             decode.inflight -= 1
-            # No first token seen (not streamed, failed): end its backlog entry unlearnt.
+            if pd == "whole":
+                self.soft.whole_ended(decode.id)
+            # No first token seen (failed, client left): end its backlog entry unlearnt.
             self.decider.prefill_done(decode.id, request_id, time.monotonic(), ok=False)
             self._awaiting_events.pop(request_id, None)
 
@@ -479,6 +529,8 @@ class Router:
                 await upstream.read()
                 return None
             self.decisions.append(decision)
+            self.role_mix.record(decision.decode, decision.prefill, decision.pd,
+                                 time.monotonic())
             self.metrics.routed.inc(worker=decode.id, leg="decode")
             self.metrics.prompt_tokens.inc(decision.prompt_tokens)
             self.metrics.prefix_tokens.inc(decision.matched_tokens)
@@ -682,11 +734,20 @@ class Router:
             "nixl_mb_per_s": mbps,
             "policy": self.policy,
             "decider": self.decider.estimates(),
+            "soft_roles": self.soft_roles_snapshot(now),
             "kv_events": {wid: f.snapshot() for wid, f in sorted(self.precise.feeds.items())}
             if self.precise is not None else {},
             "last_decisions": [d.to_dict() for d in list(self.decisions)[-10:]],
             "engine": self.engine_snapshot(now),
         }
+
+    def soft_roles_snapshot(self, now: float) -> dict[str, Any]:
+        """Each worker's effective role mix over the window, and the box's split of legs."""
+        mix = self.role_mix.mix(now, sorted(self.registry.backends))
+        return {"enabled": self.soft.enabled, "window_s": self.role_mix.window_s,
+                "role_mix": mix, "split": split_shares(mix),
+                "prefilling": {b.id: self.soft.prefilling(b.id, now)
+                               for b in self.registry.backends.values() if b.role == "prefill"}}
 
     def engine_snapshot(self, now: float) -> dict[str, Any]:
         """vLLM's own latency figures over the last ENGINE_WINDOW_S, per role and per worker."""

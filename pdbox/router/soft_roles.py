@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pdbox.router.decider import PDDecision
+from pdbox.router.policy import Pick
 
 
 class Load(Protocol):
@@ -149,6 +150,21 @@ class SoftRoles:
         if out:
             why.insert(0, f"{', '.join(out)} may serve whole: short prompt, no prefill work")
         return out, "; ".join(why)
+
+    def prefer_home(self, pick: Pick, roles: Mapping[str, str]) -> Pick:
+        """A prefill worker wins only when strictly better: on a tie the request stays
+        on a decode worker, so an idle box behaves as the fixed split does."""
+        if roles.get(pick.worker_id) != "prefill":
+            return pick
+        mine = pick.scores.get(pick.worker_id, 0.0)
+        home = [w for w, r in roles.items() if r != "prefill" and w in pick.scores]
+        if not home:
+            return pick
+        best = max(home, key=lambda w: pick.scores[w])
+        if pick.scores[best] >= mine - 1e-9:
+            return Pick(best, pick.scores, f"{pick.reason}; tie with {best}: kept on the "
+                        "decode worker", pick.parts)
+        return pick
 
     def weigh(self, dec: PDDecision, prefill: Load, decode: Load,
               prefill_s: float) -> PDDecision:

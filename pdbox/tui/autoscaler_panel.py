@@ -39,7 +39,26 @@ def render_autoscaler(a: dict[str, Any]) -> Group:
     if not decisions:
         decisions.append("no decisions yet\n", style="dim")
     decisions.rstrip()
-    return Group(head, roles, Text(""), Text("last decisions", style="bold"), decisions)
+    split = render_split(a.get("split"))
+    parts = (head, roles, *((split,) if split else ()))
+    return Group(*parts, Text(""), Text("last decisions", style="bold"), decisions)
+
+
+def render_split(s: Any) -> Text | None:
+    """The P/D split now, its pin, what a re-split is doing and why the last one moved."""
+    if not isinstance(s, dict):
+        return None
+    out = Text("split ", style="bold")
+    out.append(str(s.get("split") or fmt.NA))
+    if s.get("pinned"):
+        out.append(f" · pinned {s['pinned']}", style="yellow")
+    if s.get("phase"):
+        out.append(f"\nmoving: {s['phase']}", style="bold magenta")
+    elif s.get("held"):
+        out.append(f"\nheld: {s['held']}", style="dim")
+    if s.get("last_reason"):
+        out.append(f"\nlast: {s['last_reason']}", style="dim")
+    return out
 
 
 FEED_STYLE = {"ok": "green", "connecting": "yellow", "silent": "bold yellow",

@@ -95,6 +95,17 @@ def sparkline(values: Sequence[Any], width: int = 40) -> str:
     return "".join(out)
 
 
+def role_mix(w: dict[str, Any]) -> str:
+    """The worker's role and, once it served requests, its effective mix (soft roles):
+    'prefill w40·p60·d0' = 40 % served whole, 60 % as prefill leg, none as decode leg."""
+    role = str(w.get("role") or NA)
+    mix = w.get("role_mix")
+    if not isinstance(mix, dict) or not mix.get("requests"):
+        return role
+    parts = [f"{k[0]}{round(100 * (mix.get(k) or 0))}" for k in ("whole", "prefill", "decode")]
+    return f"{role} {'·'.join(parts)}"
+
+
 def worker_slice(w: dict[str, Any]) -> str:
     """What share of the machine a worker has: its cores, or its SM % and memory cap."""
     if isinstance(w.get("slice"), str) and w["slice"]:

@@ -26,7 +26,7 @@ def cells(w: dict[str, Any]) -> tuple[Any, ...]:
     state = str(w.get("state") or fmt.NA)
     return (
         str(w.get("id", "?")),
-        str(w.get("role") or fmt.NA),
+        fmt.role_mix(w),
         Text(state, style=STATE_STYLE.get(state, ""), justify="left"),
         fmt.integer(w.get("pid")),
         fmt.integer(w.get("port")),

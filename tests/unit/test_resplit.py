@@ -60,3 +60,129 @@ def test_mps_split_moves_sm_percentages() -> None:
     q = apply_split(p, new)
     assert q.decode is not None and q.decode.sm_percent == new.decode_sm_percent
     assert isinstance(new, Split)
+
+
+# ------------------------------------------------- issue 15: the slow loop, pure part
+
+import pytest  # noqa: E402
+
+from pdbox.plan.memory import KNOWN_GPU_MEMORY  # noqa: E402
+from pdbox.plan.model_facts import load_facts  # noqa: E402
+from pdbox.resplit import (  # noqa: E402
+    SplitController,
+    SplitError,
+    make_before_break_peak,
+    memory_sequence,
+    parse_split,
+    size_decode_batch,
+)
+
+GPU_PD = ("gh200-pd", "h100-pd")
+FIXTURES = __import__("pathlib").Path(__file__).resolve().parents[1] / "fixtures" / "models"
+
+
+def facts_for(p: config.Profile):  # the published config.json of the profile's model
+    return load_facts(FIXTURES / p.model.source.split("/")[-1].lower())
+
+
+def test_parse_split_on_a_cpu_names_core_sets() -> None:
+    p = config.load("cpu-tiny")
+    swap = parse_split(p, "1/0")
+    assert swap.prefill_cores == (1,) and swap.decode_cores == (0,)
+    for bad, why in (("0/0", "may not share"), ("0-1/1", "may not share"),
+                     ("0/2", "exactly the cores"), ("0", "PREFILL/DECODE"),
+                     ("a/b", "core sets")):
+        with pytest.raises(SplitError, match=why):
+            parse_split(p, bad)
+
+
+def test_parse_split_on_a_gpu_names_sm_percentages() -> None:
+    p = config.load("gh200-pd")
+    s = parse_split(p, "70/30")
+    assert (s.prefill_sm_percent, s.decode_sm_percent) == (70, 30)
+    for bad in ("70/40", "95/5", "x/y"):
+        with pytest.raises(SplitError):
+            parse_split(p, bad)
+    with pytest.raises(SplitError, match="not P/D"):
+        parse_split(config.load("gpu-aggregated"), "50/50")
+
+
+def _with_fractions(p: config.Profile, pre: float, dec: float) -> config.Profile:
+    assert p.prefill is not None and p.decode is not None
+    return dataclasses.replace(
+        p, prefill=dataclasses.replace(p.prefill, memory_fraction=pre),
+        decode=dataclasses.replace(p.decode, memory_fraction=dec))
+
+
+@pytest.mark.parametrize("name", GPU_PD)
+def test_memory_sequence_is_break_before_make_and_fits_the_card(name: str) -> None:
+    """Every GPU P/D profile: every step of a re-split stays under the card's budget,
+    where starting a replacement first (the old rolling restart) would not."""
+    from pdbox.hardware.mps import MEMORY_BUDGET
+
+    p = config.load(name)
+    assert p.prefill is not None and p.decode is not None
+    facts = facts_for(p)
+    card = KNOWN_GPU_MEMORY[p.hardware.gpu_match]
+    counts = {"prefill": p.prefill.replicas, "decode": p.decode.max}
+    new = apply_split(p, parse_split(p, "50/50"))
+    steps = memory_sequence(p, new, counts)
+    assert [(s.action, s.role) for s in steps] == [
+        ("stop", "prefill"), ("start", "prefill"), ("stop", "decode"), ("start", "decode")]
+    assert all(sum(s.fractions) < MEMORY_BUDGET for s in steps)
+    # The old way needed the card to hold a role twice over.
+    assert make_before_break_peak(p, counts) >= MEMORY_BUDGET
+    # Memory moving toward decode: prefill shrinks first, so its memory frees
+    # before decode grows; the peak is the final split; every new worker's ledger fits.
+    moved = _with_fractions(new, p.prefill.memory_fraction - 0.05,
+                            p.decode.memory_fraction + 0.02)
+    steps = memory_sequence(p, moved, counts, facts=facts, card_bytes=card)
+    assert steps[0] == steps[0].__class__("stop", "prefill", counts["prefill"],
+                                          steps[0].fractions)
+    assert max(sum(s.fractions) for s in steps) == pytest.approx(sum(steps[-1].fractions))
+    # Decode shrinking goes first instead.
+    back = _with_fractions(new, p.prefill.memory_fraction + 0.02,
+                           p.decode.memory_fraction - 0.05)
+    assert memory_sequence(p, back, counts)[0].role == "decode"
+    # A split whose end state cannot fit is refused, naming the step.
+    greedy = _with_fractions(new, 0.60, 0.25)
+    with pytest.raises(SplitError, match="start"):
+        memory_sequence(p, greedy, counts)
+
+
+def test_memory_sequence_checks_each_new_workers_ledger() -> None:
+    p = config.load("gh200-pd")
+    facts = facts_for(p)
+    card = KNOWN_GPU_MEMORY["GH200"]
+    starved = _with_fractions(p, 0.05, p.decode.memory_fraction if p.decode else 0.25)
+    with pytest.raises(SplitError, match="new prefill worker"):
+        memory_sequence(p, starved, {"prefill": 1, "decode": 1}, facts=facts, card_bytes=card)
+
+
+def test_split_controller_has_a_dwell_and_a_pin() -> None:
+    p = four_core_profile()
+    ctl = SplitController(dwell_s=120.0)
+    new = ctl.propose(p, 9.0, 1.0, now=1000.0)
+    assert new is not None
+    ctl.moved(1000.0, "re-split: test")
+    assert ctl.propose(p, 9.0, 1.0, now=1100.0) is None and ctl.held.startswith("dwell")
+    assert ctl.propose(p, 9.0, 1.0, now=1121.0) is not None
+    ctl.pinned = "0/1-3"
+    assert ctl.propose(p, 9.0, 1.0, now=5000.0) is None and "pinned" in ctl.held
+    st = ctl.status(p, now=1130.0)
+    assert st["split"] == "prefill cores 0,1 / decode cores 2,3"
+    assert st["last_reason"] == "re-split: test" and st["pinned"] == "0/1-3"
+
+
+def test_decode_batch_follows_queue_and_itl() -> None:
+    # ITL over target with nothing waiting: cut to what kept ITL at target.
+    assert size_decode_batch(0, running=40, waiting=0, itl_p90_s=0.1, itl_slo_s=0.05) == 20
+    # Waiting with ITL to spare: double, up to vLLM's default.
+    assert size_decode_batch(32, running=32, waiting=5, itl_p90_s=0.01, itl_slo_s=0.05) == 64
+    assert size_decode_batch(256, running=256, waiting=5, itl_p90_s=0.01,
+                             itl_slo_s=0.05) == 256
+    # Nothing measured, or in band: unchanged.
+    assert size_decode_batch(0, running=3, waiting=0, itl_p90_s=None, itl_slo_s=0.05) == 0
+    assert size_decode_batch(16, running=8, waiting=0, itl_p90_s=0.04, itl_slo_s=0.05) == 16
+    # Never below the floor.
+    assert size_decode_batch(0, running=2, waiting=0, itl_p90_s=1.0, itl_slo_s=0.05) == 4

@@ -115,3 +115,15 @@ def test_on_an_idle_box_a_long_prompt_goes_to_an_idle_prefill_worker_when_cheap(
     # Below the gate the decider predicts nothing, and nothing changes.
     short = PDDecision(False, "local: 40 uncached tokens < 256 threshold")
     assert SoftRoles().weigh(short, pre, decode, 0.1) is short
+
+
+def test_on_a_tie_the_request_stays_on_the_decode_worker() -> None:
+    from pdbox.router.policy import Pick
+
+    s = SoftRoles()
+    roles = {"decode-0": "decode", "prefill-0": "prefill"}
+    tie = Pick("prefill-0", {"decode-0": 7.0, "prefill-0": 7.0}, "prefix: ...")
+    kept = s.prefer_home(tie, roles)
+    assert kept.worker_id == "decode-0" and "kept on the decode worker" in kept.reason
+    better = Pick("prefill-0", {"decode-0": 5.0, "prefill-0": 7.0}, "prefix: ...")
+    assert s.prefer_home(better, roles) is better
