@@ -281,7 +281,9 @@ class ApproxTokenizer(CharBlockTokenizer):
     ids, so KV events (which carry real ones) only match once it is swapped.
     """
 
-    units_per_token = 1.0
+    def __init__(self, chars_per_token: int = 4):
+        super().__init__(chars_per_token)
+        self.units_per_token = 1.0  # ids are (about) tokens, not characters
 
     def encode_prompt(self, prompt: str) -> Sequence[int]:
         data = prompt.encode("utf-32-le")

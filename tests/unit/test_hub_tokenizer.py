@@ -166,6 +166,7 @@ def test_tokenizer_for_model_picks_by_source(cache: Path, tmp_path: Path) -> Non
     events.clear()
     got = tokenizer_for_model(str(bad), bad, on_event=events.append)
     assert isinstance(got, ApproxTokenizer) and "tokenizer unavailable" in events[0]
+    assert got.units_per_token == 1.0 and got.block_size_for(16) == 16
     snap = lay_out_snapshot(cache)
     assert tokenizer_for_model(REPO, snap).encode_prompt("hello") == [1]
 
