@@ -110,8 +110,8 @@ def build_plan(
     mps = cuda and p.hardware.sharing == "mps"
     if cuda and gpu_total_bytes is None:
         gpu_total_bytes = known_gpu_total(p)
-        gpu_total_from = f"the {p.hardware.gpu_match} that NVML reports" if gpu_total_bytes \
-            else ""
+        gpu_total_from = (f"what NVML reports for a {p.hardware.gpu_match}; no GPU seen here"
+                          if gpu_total_bytes else "")
     plan = Plan(p.name, p.hardware.device, p.hardware.sharing, model_arg, facts,
                 gpu_total_bytes if cuda else None, gpu_total_from if cuda else "",
                 vllm_spec.offload_bytes(p) if cuda else 0)
