@@ -270,7 +270,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
 
     profile = config.load(args.profile)
     if not profile.is_pd:
-        raise SystemExit(f"gpu_probe: {args.profile} is not a P/D profile")
+        raise ValueError(f"{args.profile} is not a P/D profile: the probe needs two roles")
     gpu = before["gpus"][profile.hardware.gpu_index]
     card_total = int(gpu["memory_total_bytes"])
     run_dir = Path(tempfile.mkdtemp(prefix="pdbox-probe-"))
