@@ -75,7 +75,7 @@ def mean_wait_s(role: str, router_metrics: Any, backends: Sequence[Any], now: fl
     while requests wait there and none has finished waiting yet, the wait is
     unknown (None), which the autoscaler reads as "requests wait".
     """
-    queued = summarize(d for b in backends for d in b.engine.since("queue", since))
+    queued = summarize(h for b in backends for h in b.engine.since("queue", since))
     if queued.count:
         in_worker: float | None = queued.mean
     elif any(b.waiting for b in backends):

@@ -27,16 +27,7 @@ ENGINE_HISTOGRAMS = {
     "prefill": "vllm:request_prefill_time_seconds",
     "e2e": "vllm:e2e_request_latency_seconds",
 }
-ENGINE_WINDOW_S = 60.0
-
-
-@dataclass(frozen=True)
-class Delta:
-    t: float
-    key: str  # a key of ENGINE_HISTOGRAMS
-    count: float
-    sum: float
-    buckets: tuple[tuple[float, float], ...]  # (upper bound, cumulative count) of the delta
+ENGINE_WINDOW_S = 60.0  # the trailing window of the engine figures in status and the TUI
 
 
 @dataclass(frozen=True)
@@ -55,18 +46,30 @@ EMPTY = Summary(0.0, None, None, None)
 
 
 class EngineWindow:
-    """One worker's histogram deltas over a trailing window."""
+    """One worker's histograms, as running totals of their per-scrape deltas.
 
-    def __init__(self, keep_s: float = 300.0) -> None:
+    A mark of the totals is kept per `resolution_s` (the latest within that
+    time replaces the one before), so what happened since any moment is the
+    newest mark less the last mark before it: a few subtractions per
+    question, and at most keep_s / resolution_s marks per histogram however
+    often the worker is scraped.
+    """
+
+    def __init__(self, keep_s: float = 2 * ENGINE_WINDOW_S, resolution_s: float = 1.0) -> None:
         self.keep_s = keep_s
+        self.resolution_s = resolution_s
         self._last: dict[str, PromHistogram] = {}
-        self.deltas: deque[Delta] = deque()
+        self._total: dict[str, PromHistogram] = {}
+        # key -> marks (time, totals then); `_base[key]`: the totals before the first mark.
+        self._marks: dict[str, deque[tuple[float, PromHistogram]]] = {}
+        self._base: dict[str, PromHistogram] = {}
 
     def update(self, now: float, histograms: Mapping[str, PromHistogram]) -> None:
-        """Record what changed since the previous scrape.
+        """Add what changed since the previous scrape.
 
-        A count that went down means the worker restarted: its histograms
-        began again from zero, so the new values are the delta.
+        The first scrape of a worker is its baseline (its whole past is not
+        "recent"). A count that went down means the worker restarted: its
+        histograms began again from zero, so the new values are the delta.
         """
         for key, name in ENGINE_HISTOGRAMS.items():
             h = histograms.get(name)
@@ -75,30 +78,53 @@ class EngineWindow:
             prev = self._last.get(key)
             self._last[key] = h
             if prev is None:
-                continue  # the first scrape holds the worker's whole past, not "recent"
+                continue
             if h.count < prev.count:
                 prev = PromHistogram()
-            count = h.count - prev.count
-            if count <= 0:
+            if h.count <= prev.count:
                 continue
-            buckets = tuple((b, h.buckets[b] - prev.buckets.get(b, 0.0))
-                            for b in sorted(h.buckets))
-            self.deltas.append(Delta(now, key, count, h.sum - prev.sum, buckets))
-        while self.deltas and self.deltas[0].t < now - self.keep_s:
-            self.deltas.popleft()
+            total = self._total.setdefault(key, PromHistogram())
+            total = _plus(total, h, prev)
+            self._total[key] = total
+            marks = self._marks.setdefault(key, deque())
+            if marks and marks[-1][0] > now - self.resolution_s:
+                marks[-1] = (marks[-1][0], total)
+            else:
+                marks.append((now, total))
+            while len(marks) > 1 and marks[0][0] < now - self.keep_s:
+                self._base[key] = marks.popleft()[1]
 
-    def since(self, key: str, since: float) -> list[Delta]:
-        return [d for d in self.deltas if d.key == key and d.t >= since]
+    def since(self, key: str, since: float) -> list[PromHistogram]:
+        """What the histogram gained since `since` (a list: empty when nothing)."""
+        marks = self._marks.get(key)
+        if not marks or marks[-1][0] < since:
+            return []
+        before = self._base.get(key, PromHistogram())
+        for t, total in marks:
+            if t >= since:
+                break
+            before = total
+        gained = _plus(marks[-1][1], PromHistogram(), before)
+        return [gained] if gained.count > 0 else []
 
 
-def summarize(deltas: Iterable[Delta]) -> Summary:
-    """Count, mean and bucket-interpolated p50/p90 of deltas, from one or many workers."""
+def _plus(a: PromHistogram, b: PromHistogram, minus: PromHistogram) -> PromHistogram:
+    """a + b - minus, bucket by bucket."""
+    bounds = set(a.buckets) | set(b.buckets) | set(minus.buckets)
+    return PromHistogram(
+        {x: a.buckets.get(x, 0.0) + b.buckets.get(x, 0.0) - minus.buckets.get(x, 0.0)
+         for x in bounds},
+        a.sum + b.sum - minus.sum, a.count + b.count - minus.count)
+
+
+def summarize(histograms: Iterable[PromHistogram]) -> Summary:
+    """Count, mean and bucket-interpolated p50/p90, over one or many workers' gains."""
     count = total = 0.0
     buckets: dict[float, float] = {}
-    for d in deltas:
-        count += d.count
-        total += d.sum
-        for b, c in d.buckets:
+    for h in histograms:
+        count += h.count
+        total += h.sum
+        for b, c in h.buckets.items():
             buckets[b] = buckets.get(b, 0.0) + c
     if count <= 0:
         return EMPTY
@@ -112,6 +138,6 @@ def engine_figures(windows: Mapping[str, EngineWindow], since: float) -> dict[st
     """The engine-side figures of a set of workers since `since`, flat for JSON."""
     out: dict[str, float | None] = {}
     for key in ENGINE_HISTOGRAMS:
-        s = summarize(d for w in windows.values() for d in w.since(key, since))
+        s = summarize(h for w in windows.values() for h in w.since(key, since))
         out.update(s.to_dict(key))
     return out

@@ -124,6 +124,16 @@ def test_engine_window_keeps_deltas_per_scrape() -> None:
     assert figs["queue_count"] == 3 and figs["ttft_mean_s"] is None
 
 
+def test_engine_window_stays_small_however_often_it_is_scraped() -> None:
+    w = EngineWindow(keep_s=120.0, resolution_s=1.0)
+    for i in range(30_000):  # ten scrapes a second for 50 minutes, one request each
+        w.update(i / 10, hist(i, i * 0.5, i))
+    assert len(w._marks["queue"]) <= 122
+    s = summarize(w.since("queue", 2999.9 - 60))
+    assert s.count == pytest.approx(600, abs=10) and s.mean == pytest.approx(0.5)
+    assert summarize(w.since("queue", 0.0)).count == pytest.approx(1200, abs=10)  # kept: 120 s
+
+
 # ------------------------------------------------------------- SSE token counting
 
 
