@@ -162,7 +162,7 @@ class Appliance:
         self.gpu = default_telemetry() if self.profile.hardware.device == "cuda" else NoGpu()
 
     async def _prepare_model(self) -> Any:
-        from pdbox.router.tokenize import CharBlockTokenizer, PromptTokenizer
+        from pdbox.router.tokenize import CharBlockTokenizer, tokenizer_for_model
 
         if self.attach:
             names = await self._attached_model_names()
@@ -179,12 +179,11 @@ class Appliance:
         except ModelError as exc:
             raise StartError(str(exc)) from None
         self.model_path = resolved.model_arg
-        if resolved.tokenizer_dir is not None:
-            try:
-                return PromptTokenizer.from_model_dir(resolved.tokenizer_dir)
-            except Exception as exc:  # noqa: BLE001 - any tokenizer failure degrades, never stops
-                self.event("router", f"tokenizer unavailable ({exc}); hashing characters instead")
-        return CharBlockTokenizer()
+        # A folder's own tokenizer; a hub model's from the local Hugging Face cache
+        # once a worker has downloaded it (until then by characters, and an event
+        # says so); never the network.
+        return tokenizer_for_model(resolved.source, resolved.tokenizer_dir,
+                                   on_event=lambda m: self.event("router", m))
 
     async def _attached_model_names(self) -> list[str]:
         names: list[str] = []
@@ -415,6 +414,7 @@ class Appliance:
             "version": __version__, "profile": self.profile.name,
             "mode": self.profile.mode.kind, "endpoint": self.endpoint,
             "serving": self.fleet.serving_note() if self.fleet else "",
+            "tokenizer": _tokenizer_state(self.router.tokenizer),
             "uptime_s": time.monotonic() - self.started, "policy": self.router.policy,
             "workers": workers, "router": router, "autoscaler": auto, "hardware": hw,
             "events": list(self.events)[-50:],
@@ -474,3 +474,11 @@ class Appliance:
             self._log_file.close()
             self._log_file = None
 
+
+def _tokenizer_state(tok: Any) -> dict[str, Any]:
+    """What the router counts tokens with: the model's tokenizer or characters."""
+    state = getattr(tok, "state", None)
+    if callable(state):
+        return state()
+    exact = type(tok).__name__ == "PromptTokenizer"
+    return {"source": "model" if exact else "characters"}

@@ -191,3 +191,27 @@ def test_router_block_size_is_vllms_and_kv_events_apply(cache: Path) -> None:
     clock.t += 10
     tok.encode_prompt("hello")
     assert tok.source == "model" and router.block_size == 16
+
+
+def test_pdbox_up_uses_the_hub_tokenizer_and_says_so(cache: Path, tmp_path: Path) -> None:
+    """The appliance's own path: a profile naming a hub model routes by characters with an
+    event (and says so in status) until the snapshot exists, then by the model's tokens."""
+    import asyncio
+    import dataclasses
+
+    from pdbox import config
+    from pdbox.appliance import Appliance, _tokenizer_state
+
+    base = config.load("gh200-pd")
+    profile = dataclasses.replace(base, model=dataclasses.replace(base.model, source=REPO))
+    app = Appliance(profile, tmp_path / "run")
+    tok = asyncio.run(app._prepare_model())
+    assert app.model_path == REPO
+    assert any(e["kind"] == "router" and "routing by characters" in e["message"]
+               for e in app.events)
+    assert _tokenizer_state(tok)["source"] == "characters"
+    lay_out_snapshot(cache)
+    tok.refresh()
+    assert _tokenizer_state(tok) == {"source": "model", "model": REPO,
+                                     "detail": tok.detail}
+    assert list(tok.encode_prompt("hello world")) == [1, 2]
