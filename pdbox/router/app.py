@@ -110,6 +110,8 @@ class Router:
                                  Settings(stall_s=stall_timeout_s(profile.slo.itl_s)))
         self.decisions: deque[Decision] = deque(maxlen=50)
         self._xfer_seen: dict[tuple[str, ...], tuple[float, ...]] = {}
+        # worker -> (sum, count) of its engine prefill time when last learnt from
+        self._prefill_seen: dict[str, tuple[float, float]] = {}
         # request id -> (worker, prompt block hashes, sent at): KV events due once prefilled
         self._awaiting_events: dict[str, tuple[str, list[int], float]] = {}
         self.events = events
@@ -678,11 +680,18 @@ class Router:
                                "vllm:nixl_xfer_time_seconds_count")
             if xfer is not None and xfer[1] > 0 and xfer[0] >= 0:
                 self.decider.observe_transfer(xfer[0] / xfer[1])
-            pre = self._delta(b, "vllm:request_prefill_kv_computed_tokens_sum",
-                              "vllm:request_prefill_time_seconds_sum",
-                              "vllm:request_prefill_time_seconds_count")
-            if pre is not None and min(pre) >= 0:
-                self.decider.observe_engine_prefill(b.id, pre[0], pre[1], pre[2])
+            # Prompt tokens computed and engine prefill time of the requests
+            # that finished since the last call (the same requests in both).
+            tokens = self._delta(b, "vllm:request_prefill_kv_computed_tokens_sum",
+                                 "vllm:request_prefill_kv_computed_tokens_count")
+            seconds = b.engine.total("prefill")
+            prev = self._prefill_seen.get(b.id)
+            if seconds is not None:
+                self._prefill_seen[b.id] = (seconds.sum, seconds.count)
+            if tokens is not None and seconds is not None and prev is not None \
+                    and seconds.count - prev[1] == tokens[1] > 0:
+                self.decider.observe_engine_prefill(b.id, tokens[0], seconds.sum - prev[0],
+                                                    tokens[1])
 
     def _delta(self, b: Backend, *names: str) -> tuple[float, ...] | None:
         """How much each named series grew since the previous call (None: first sight).

@@ -94,6 +94,11 @@ class EngineWindow:
             while len(marks) > 1 and marks[0][0] < now - self.keep_s:
                 self._base[key] = marks.popleft()[1]
 
+    def total(self, key: str) -> PromHistogram | None:
+        """Everything the histogram gained since the first scrape, across restarts
+        (monotonic, so a reader can take its own differences, as the decider does)."""
+        return self._total.get(key)
+
     def since(self, key: str, since: float) -> list[PromHistogram]:
         """What the histogram gained since `since` (a list: empty when nothing)."""
         marks = self._marks.get(key)
