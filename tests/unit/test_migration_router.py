@@ -187,3 +187,27 @@ def test_pd_only_decode_worker_restarting_is_waited_for() -> None:
         assert "".join(c["choices"][0]["text"] for c in chunks) == tokens_text(N)
 
     run(check, {"prefill-0": "prefill", "decode-0": MockConfig(tokens=64)}, pd_profile())
+
+
+def test_non_stream_whose_worker_dies_before_answering_is_sent_to_another() -> None:
+    async def check(box: Box) -> None:
+        got: list[bytes] = []
+
+        async def dies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            got.append(await reader.read(65536))  # the request arrived; then the worker dies
+            writer.transport.abort()
+
+        server = await asyncio.start_server(dies, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        box.router.registry.upsert("aggregated-0", "aggregated", f"http://127.0.0.1:{port}",
+                                   "ready")
+        async with server:
+            async with box.post("/v1/chat/completions", chat(max_tokens=N)) as r:
+                assert r.status == 200, await r.text()
+                assert r.headers["x-pdbox-decode-worker"] == "aggregated-1"
+                answer = await r.json()
+        assert got and got[0].startswith(b"POST /v1/chat/completions")
+        assert answer["choices"][0]["message"]["content"] == tokens_text(N)
+        assert "pdbox_retries_total 1" in await box.metrics()
+
+    run(check, TWO, profile(policy="round_robin"))
