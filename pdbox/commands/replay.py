@@ -3,7 +3,8 @@
 Offline and in simulated time: no workers, no GPU. Routing mode replays the
 trace through the router's own Picker over simulated workers with LRU prefix
 caches (see pdbox/replay/routing.py for the cost model); `--autoscale` hands
-the trace to the autoscaler's replay.
+the trace to the autoscaler's replay, and on a P/D profile also replays soft
+roles and re-split on one box (pdbox/replay/split_sim.py) under `split`.
 """
 
 from __future__ import annotations
@@ -64,6 +65,15 @@ def _print_table(results: list[dict[str, Any]]) -> None:
               help="Autoscale mode: also replay with this fixed replica count, for comparison.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Autoscale mode: write a PNG of replicas and load over time.")
+@click.option("--fixed-split", default=None, metavar="PREFILL/DECODE",
+              help="Autoscale mode, P/D profile: also replay this static split (SM percent on "
+              "a GPU profile, e.g. 60/40; core sets on a CPU one, e.g. 0/1) with soft roles off.")
+@click.option("--then", "then_trace", type=click.Path(dir_okay=False), default=None,
+              help="Append this trace after the first one ends (a mix that changes).")
+@click.option("--then-rate-scale", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
+              show_default=True, help="--rate-scale of the appended trace, relative to the first.")
+@click.option("--head-s", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="Keep only the first SECONDS of each trace (before --rate-scale).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def replay(
     trace: str,
@@ -80,21 +90,36 @@ def replay(
     rate_scale: float,
     fixed: int | None,
     plot: str | None,
+    fixed_split: str | None,
+    then_trace: str | None,
+    then_rate_scale: float,
+    head_s: float | None,
     as_json: bool,
 ) -> None:
     """Replay a public trace (Mooncake .jsonl or Azure .csv) in simulated time."""
-    from pdbox.replay.traces import TraceError, load
+    from pdbox.replay.traces import TraceError, concat, load
 
     try:
         requests = load(trace)
+        if head_s is not None:
+            requests = [r for r in requests if r.arrival_s < head_s]
+        if then_trace is not None:
+            more = load(then_trace)
+            if head_s is not None:
+                more = [r for r in more if r.arrival_s < head_s]
+            requests = concat(requests, more, then_rate_scale)
     except TraceError as exc:
         raise click.ClickException(str(exc)) from None
     if not requests:
         raise click.ClickException(f"{trace}: the trace holds no requests")
     profile = _load_profile(profile_name)
+    if fixed_split is not None and not autoscale:
+        raise click.ClickException("--fixed-split is for --autoscale")
 
     if autoscale:
         result = _autoscale(requests, profile, rate_scale, fixed, plot)
+        result["split"] = _split(requests, profile or _load_profile("cpu-tiny"), rate_scale,
+                                 fixed_split)
         _emit(result, as_json)
         return
 
@@ -162,6 +187,24 @@ def _autoscale(requests: list[Any], profile: Any, rate_scale: float, fixed: int 
         raise click.ClickException(str(exc)) from None
 
 
+def _split(requests: list[Any], profile: Any, rate_scale: float,
+           fixed_split: str | None) -> dict[str, Any] | None:
+    """Soft roles and re-split on one box (P/D profiles); None for an aggregated one."""
+    from pdbox.replay.split_sim import split_report
+    from pdbox.resplit import SplitError, parse_split
+
+    if not profile.is_pd:
+        if fixed_split is not None:
+            raise click.ClickException(f"--fixed-split needs a P/D profile; {profile.name} is "
+                                       "aggregated")
+        return None
+    try:
+        split = parse_split(profile, fixed_split) if fixed_split is not None else None
+    except SplitError as exc:
+        raise click.ClickException(f"--fixed-split: {exc}") from None
+    return split_report(requests, profile, rate_scale, split)
+
+
 def _emit(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
@@ -170,3 +213,8 @@ def _emit(result: dict[str, Any], as_json: bool) -> None:
         if isinstance(value, (dict, list)):
             continue
         click.echo(f"{key}: {_fmt(value)}")
+    for name, run in (result.get("split") or {}).items():
+        moves = "; ".join(f"{m['t']:.0f}s → {m['to']}" for m in run["resplits"]) or "none"
+        click.echo(f"split {name}: SLO attainment {_fmt(run['slo_attainment'])}, "
+                   f"TTFT p90 {_fmt(run['ttft_p90_s'])} s, ITL p90 {_fmt(run['itl_p90_s'])} s, "
+                   f"{run['start_split']} → {run['end_split']}, re-splits: {moves}")

@@ -91,3 +91,11 @@ def load_azure(path: Path) -> list[TraceRequest]:
         base = out[0].arrival_s
         out = [TraceRequest(r.arrival_s - base, r.input_tokens, r.output_tokens) for r in out]
     return out
+
+
+def concat(first: list[TraceRequest], then: list[TraceRequest],
+           then_rate_scale: float = 1.0) -> list[TraceRequest]:
+    """`then` after `first` ends (its arrivals divided by `then_rate_scale`)."""
+    start = first[-1].arrival_s if first else 0.0
+    return first + [TraceRequest(start + r.arrival_s / then_rate_scale, r.input_tokens,
+                                 r.output_tokens, r.hash_ids) for r in then]
