@@ -157,7 +157,8 @@ class PDDecider:
             raise ValueError(f"unknown P/D decider {mode!r}; use threshold or adaptive")
         self.mode = mode
         self.min_uncached_tokens = min_uncached_tokens
-        # Shown beside the decisions; the rule itself weighs costs, not targets.
+        # Reported with the estimates for context; the rule weighs costs, not targets
+        # (switching on "remote meets the TTFT target" sent every long prompt local).
         self.ttft_slo_s = ttft_slo_s
         self.itl_slo_s = itl_slo_s
         self.prior_prefill_tps = prior_prefill_tps
@@ -270,6 +271,7 @@ class PDDecider:
             "itl_s": {k: v.value for k, v in self._itl.items()},
             "transfer_s": self._transfer.value,
             "pending": {w: len(b.pending) for w, b in self._backlog.items() if b.pending},
+            "targets": {"ttft_s": self.ttft_slo_s, "itl_s": self.itl_slo_s},
         }
 
     # ----------------------------------------------------------- decision
