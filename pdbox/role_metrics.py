@@ -58,7 +58,7 @@ def role_metrics(
             waiting=waiting,
             mean_wait_s=mean_wait_s(role, m, bs, now, since),
             ttft_p90_s=m.ttft.percentile(0.9, since) if role != "decode" else None,
-            itl_p90_s=m.itl.percentile(0.9, since) if role != "prefill" else None,
+            itl_p90_s=itl_p90_s(m, bs, since) if role != "prefill" else None,
             kv_usage=kv, utilization=util)
     return out
 
@@ -88,3 +88,13 @@ def mean_wait_s(role: str, router_metrics: Any, backends: Sequence[Any], now: fl
     if admitted is None:
         admitted = router_metrics.oldest_wait_s(now) or 0.0
     return admitted + in_worker
+
+
+def itl_p90_s(router_metrics: Any, backends: Sequence[Any], since: float) -> float | None:
+    """ITL p90: the router's, per streamed token; with no stream in the period (answers
+    that are not streamed have no client-side gaps) the role's engines' own, from vLLM's
+    `vllm:inter_token_latency_seconds` deltas."""
+    seen = router_metrics.itl.percentile(0.9, since)
+    if seen is not None:
+        return seen
+    return summarize(h for b in backends for h in b.engine.since("itl", since)).p90

@@ -100,3 +100,16 @@ def test_mean_wait_when_nothing_finished_waiting() -> None:
     assert mean_wait_s("prefill", rm, [queued], 100.0, 90.0) is None  # unknown: "it waits"
     rm.admission_wait.observe(0.1, 80.0)  # before the period: not counted
     assert mean_wait_s("decode", rm, [idle], 100.0, 90.0) == pytest.approx(4.0)
+
+
+def test_itl_without_streams_comes_from_the_engines() -> None:
+    profile = config.load("cpu-aggregated")
+    now = 1000.0
+    box = busy_box(profile, now)
+    box["router_metrics"] = RouterMetrics()  # answers that were not streamed: no gaps seen
+    b = box["backends"]["aggregated-0"]
+    itl = "vllm:inter_token_latency_seconds"
+    b.engine.update(now - 20, {itl: PromHistogram({0.05: 0, math.inf: 0}, 0.0, 0)})
+    b.engine.update(now - 3, {itl: PromHistogram({0.05: 90, math.inf: 100}, 4.0, 100)})
+    live = role_metrics(profile, now=now, period_s=15.0, **box)
+    assert live["aggregated"].itl_p90_s == pytest.approx(0.05)
