@@ -455,7 +455,7 @@ class MigratingStream:
                 self._failed(f"{self.worker.id} sent nothing for {stall:.0f} s")
                 continue
             except aiohttp.ClientError as exc:
-                self._failed(f"{self.worker.id} failed: {exc or type(exc).__name__}")
+                self._failed(f"{self.worker.id} failed: {str(exc) or type(exc).__name__}")
                 continue
             if not chunk:
                 if self.splice.done:
