@@ -107,7 +107,8 @@ class Router:
         self.metrics = RouterMetrics()
         # Streams whose worker dies or stalls continue on another (migration.py).
         self.migrator = Migrator(registry, events,
-                                 Settings(stall_s=stall_timeout_s(profile.slo.itl_s)))
+                                 Settings(stall_s=stall_timeout_s(profile.slo.itl_s)),
+                                 roles=self.serving_roles)
         self.decisions: deque[Decision] = deque(maxlen=50)
         self._xfer_seen: dict[tuple[str, ...], tuple[float, ...]] = {}
         # worker -> (sum, count) of its engine prefill time when last learnt from

@@ -376,8 +376,12 @@ class Migrator:
     """Shared by every stream of one router: where continuations may go, and the record."""
 
     def __init__(self, registry: Registry, events: Any = None, settings: Settings | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 roles: Callable[[], tuple[str, ...]] | None = None) -> None:
         self.registry = registry
+        # Roles that serve whole requests: decode and aggregated, and prefill where
+        # soft roles let a prefill worker serve whole (the router's serving_roles).
+        self.roles = roles or registry.decode_roles
         self.counter = Counter("pdbox_migrations_total",
                                "Streams whose worker died or stalled: moved to another worker, "
                                "failed (no worker could take them), refused (n > 1, logprobs...).")
@@ -402,9 +406,9 @@ class Migrator:
         return MigratingStream(self, session, upstream, worker, body, _kind(path), path, request_id,
                                prompt_tokens, timeout)
 
-    def serving(self) -> list[Backend]:
-        """Workers that serve whole requests, in any state."""
-        return self.registry.of_roles(self.registry.decode_roles(), routable_only=False)
+    def serving(self, routable_only: bool = False) -> list[Backend]:
+        """Workers that serve whole requests (in any state unless `routable_only`)."""
+        return self.registry.of_roles(self.roles(), routable_only=routable_only)
 
 
 class MigratingStream:
@@ -559,11 +563,13 @@ class MigratingStream:
                 del self._excluded[wid]  # replaced, restarted, or long enough ago
             elif not b.routable:
                 self._excluded[wid] = (b, t, True)
-        cands = [b for b in self.m.registry.of_roles(self.m.registry.decode_roles())
-                 if b.id not in self._excluded]
+        cands = [b for b in self.m.serving(routable_only=True) if b.id not in self._excluded]
         if not cands:
             return None
-        return min(cands, key=lambda b: (b.inflight + b.waiting + b.running, b.id))
+        # A prefill worker (soft roles) only when no decode or aggregated worker can:
+        # its core is the box's prefill capacity.
+        return min(cands, key=lambda b: (b.role == "prefill",
+                                         b.inflight + b.waiting + b.running, b.id))
 
     def _coming(self, now: float) -> bool:
         """Whether a worker may become able to take the stream soon."""

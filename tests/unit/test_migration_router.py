@@ -186,7 +186,26 @@ def test_pd_only_decode_worker_restarting_is_waited_for() -> None:
         chunks, _ = split(sse_events(raw))
         assert "".join(c["choices"][0]["text"] for c in chunks) == tokens_text(N)
 
-    run(check, {"prefill-0": "prefill", "decode-0": MockConfig(tokens=64)}, pd_profile())
+    # A fixed split: the prefill worker does not serve whole requests.
+    run(check, {"prefill-0": "prefill", "decode-0": MockConfig(tokens=64)},
+        pd_profile(soft_roles=False))
+
+
+def test_pd_with_soft_roles_the_prefill_worker_takes_the_stream_whole() -> None:
+    async def check(box: Box) -> None:
+        box.mocks["decode-0"].faults = Faults(fail_after_chunks=6, count=1)
+        async with box.post("/v1/completions", completion("x " * 600, stream=True,
+                                                          max_tokens=N)) as r:
+            assert r.headers["x-pdbox-decode-worker"] == "decode-0"
+            raw = await r.read()
+        assert b": pdbox" not in raw  # no wait: the prefill worker was ready
+        chunks, _ = split(sse_events(raw))
+        assert "".join(c["choices"][0]["text"] for c in chunks) == tokens_text(N)
+        cont = box.mocks["prefill-0"].seen[-1]["body"]
+        assert "kv_transfer_params" not in cont and cont["stream"] is True
+
+    run(check, {"prefill-0": MockConfig(tokens=64), "decode-0": MockConfig(tokens=64)},
+        pd_profile(soft_roles=True))
 
 
 def test_non_stream_whose_worker_dies_before_answering_is_sent_to_another() -> None:
