@@ -25,9 +25,9 @@ from pdbox.config import Profile, parse_core_set
 from pdbox.router import openai_errors as oe
 from pdbox.router.admission import Admission, QueueFull
 from pdbox.router.backends import Backend, Registry
-from pdbox.router.engine_stats import ENGINE_WINDOW_S, engine_figures
+from pdbox.router.engine_stats import ENGINE_WINDOW_S, engine_snapshot
 from pdbox.router.kv_events import render_prometheus
-from pdbox.router.metrics import RATE_WINDOW_S, RouterMetrics, answer_figures
+from pdbox.router.metrics import RouterMetrics, answer_figures
 from pdbox.router.migration import MigratingStream, Migrator, Settings, stall_timeout_s
 from pdbox.router.pd import PrefillFailed, decode_body, prefill_leg
 from pdbox.router.policy import NoWorker, PDDecider, Picker
@@ -714,7 +714,6 @@ class Router:
         since = now - window_s
         m = self.metrics
         remote, local = m.pd.get(path="remote"), m.pd.get(path="local")
-        finished = sum(w for t, _, w in m.e2e.recent if t >= now - RATE_WINDOW_S)
         xfer_ms = mbps = None
         tsum = tcnt = bsum = 0.0
         for b in self.registry.backends.values():
@@ -725,15 +724,7 @@ class Router:
             xfer_ms = 1000 * tsum / tcnt
             mbps = (bsum / 1e6) / tsum if tsum else None
         return {
-            "requests_total": int(m.requests.total()),
-            "rps": finished / RATE_WINDOW_S,
-            "tokens_per_s": m.tokens.per_s(now, RATE_WINDOW_S),
-            "rate_window_s": RATE_WINDOW_S,
-            "output_tokens_total": int(m.output_tokens.total()),
-            "ttft_p50_s": m.ttft.percentile(0.5, since),
-            "ttft_p99_s": m.ttft.percentile(0.99, since),
-            "itl_p50_s": m.itl.percentile(0.5, since),
-            "itl_p99_s": m.itl.percentile(0.99, since),
+            **m.live_figures(now, since),
             "pd_remote": int(remote),
             "pd_local": int(local),
             "pd_share": remote / (remote + local) if remote + local else None,
@@ -748,7 +739,7 @@ class Router:
             "kv_events": {wid: f.snapshot() for wid, f in sorted(self.precise.feeds.items())}
             if self.precise is not None else {},
             "last_decisions": [d.to_dict() for d in list(self.decisions)[-10:]],
-            "engine": self.engine_snapshot(now),
+            "engine": engine_snapshot(self.registry.backends.values(), now),
         }
 
     def soft_roles_snapshot(self, now: float) -> dict[str, Any]:
@@ -758,21 +749,6 @@ class Router:
                 "role_mix": mix, "split": split_shares(mix),
                 "prefilling": {b.id: self.soft.prefilling(b.id, now)
                                for b in self.registry.backends.values() if b.role == "prefill"}}
-
-    def engine_snapshot(self, now: float) -> dict[str, Any]:
-        """vLLM's own latency figures over the last ENGINE_WINDOW_S, per role and per worker."""
-        since = now - ENGINE_WINDOW_S
-        backends = self.registry.backends
-        roles: dict[str, Any] = {}
-        for role in sorted({b.role for b in backends.values()}):
-            group = {b.id: b.engine for b in backends.values() if b.role == role}
-            roles[role] = {**engine_figures(group, since),
-                           "waiting": sum(b.waiting for b in backends.values() if b.role == role)}
-        workers = {b.id: {**engine_figures({b.id: b.engine}, since), "waiting": b.waiting}
-                   for b in backends.values()}
-        every = {**engine_figures({b.id: b.engine for b in backends.values()}, since),
-                 "waiting": sum(b.waiting for b in backends.values())}
-        return {"window_s": ENGINE_WINDOW_S, "all": every, "roles": roles, "workers": workers}
 
 
 def _prompt_count(body: dict[str, Any]) -> int:

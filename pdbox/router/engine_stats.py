@@ -17,6 +17,7 @@ import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pdbox.router.metrics import PromHistogram, bucket_quantile
 
@@ -146,3 +147,19 @@ def engine_figures(windows: Mapping[str, EngineWindow], since: float) -> dict[st
         s = summarize(h for w in windows.values() for h in w.since(key, since))
         out.update(s.to_dict(key))
     return out
+
+
+def engine_snapshot(backends: Iterable[Any], now: float) -> dict[str, Any]:
+    """The status snapshot's `engine`: the figures over the last ENGINE_WINDOW_S for every
+    worker together, per role and per worker, with what each has waiting now."""
+    bs = list(backends)
+    since = now - ENGINE_WINDOW_S
+
+    def of(group: list[Any]) -> dict[str, Any]:
+        return {**engine_figures({b.id: b.engine for b in group}, since),
+                "waiting": sum(b.waiting for b in group)}
+
+    return {"window_s": ENGINE_WINDOW_S, "all": of(bs),
+            "roles": {role: of([b for b in bs if b.role == role])
+                      for role in sorted({b.role for b in bs})},
+            "workers": {b.id: of([b]) for b in bs}}

@@ -222,6 +222,22 @@ class RouterMetrics:
         self.output_tokens.inc(tokens)
         self.tokens.add(tokens, now)
 
+    def live_figures(self, now: float, since: float) -> dict[str, float | int | None]:
+        """The status snapshot's request figures (docs/ROUTING.md, "Live figures"):
+        rates over the last RATE_WINDOW_S, latency percentiles since `since`."""
+        finished = sum(w for t, _, w in self.e2e.recent if t >= now - RATE_WINDOW_S)
+        return {
+            "requests_total": int(self.requests.total()),
+            "rps": finished / RATE_WINDOW_S,
+            "tokens_per_s": self.tokens.per_s(now, RATE_WINDOW_S),
+            "rate_window_s": RATE_WINDOW_S,
+            "output_tokens_total": int(self.output_tokens.total()),
+            "ttft_p50_s": self.ttft.percentile(0.5, since),
+            "ttft_p99_s": self.ttft.percentile(0.99, since),
+            "itl_p50_s": self.itl.percentile(0.5, since),
+            "itl_p99_s": self.itl.percentile(0.99, since),
+        }
+
     def oldest_wait_s(self, now: float) -> float | None:
         return now - min(self.waiting_since.values()) if self.waiting_since else None
 
