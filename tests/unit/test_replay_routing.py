@@ -143,13 +143,17 @@ def test_autoscale_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     fake = types.ModuleType("pdbox.replay.autoscale")
     fake.run = run
     monkeypatch.setitem(sys.modules, "pdbox.replay.autoscale", fake)
+    # A P/D profile also gets the split replay (soft roles and re-split).
+    split = types.ModuleType("pdbox.replay.split_sim")
+    split.split_report = lambda reqs, profile, rate_scale, fixed_split: {"adaptive": {}}
+    monkeypatch.setitem(sys.modules, "pdbox.replay.split_sim", split)
     trace = tmp_path / "t.jsonl"
     write_mooncake(trace, groups_trace(per_group=2))
     res = CliRunner().invoke(replay_cmd, [str(trace), "--autoscale", "--profile", "cpu-tiny",
                                           "--rate-scale", "2", "--fixed", "3", "--plot",
                                           str(tmp_path / "p.png"), "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output) == {"scale_ups": 1}
+    assert json.loads(res.output) == {"scale_ups": 1, "split": {"adaptive": {}}}
     assert seen == {"n": 16, "profile": "cpu-tiny", "rate_scale": 2.0, "fixed": 3,
                     "plot": str(tmp_path / "p.png")}
 
