@@ -23,7 +23,11 @@ def tiny(tmp_path_factory):
     from tests.e2e.conftest import start_pdbox, stop_group
 
     tmp = tmp_path_factory.mktemp("pd")
-    prof = profile_variant(tmp, "cpu-tiny", "cpu-tiny-pd", **{"autoscaler.enabled": "false"})
+    # A fixed split: these tests measure the P/D legs and the decider. With soft roles
+    # (tests/e2e/test_soft_roles.py) streams started on an idle box may decode on the
+    # prefill worker, and the first long prompt then stalls them once.
+    prof = profile_variant(tmp, "cpu-tiny", "cpu-tiny-pd", **{"autoscaler.enabled": "false",
+                                                              "router.soft_roles": "false"})
     box = start_pdbox(tmp, ["--profile", str(prof)])
     yield box
     stop_group(box.proc)
