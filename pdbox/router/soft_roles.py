@@ -140,7 +140,7 @@ class SoftRoles:
             n = uncached.get(w.id, 0)
             busy = self.prefilling(w.id, now)
             if n >= s.gate_tokens:
-                why.append(f"{w.id} not whole: {n} uncached tokens ≥ {s.gate_tokens}")
+                why.append(f"{w.id} not whole: {n} uncached tokens >= {s.gate_tokens}")
             elif busy:
                 why.append(f"{w.id} kept for prefill: {busy}")
             elif self.whole_streams(w.id) >= s.max_streams:
@@ -189,7 +189,7 @@ class SoftRoles:
         if (prefill.ready and self.whole_streams(prefill.id) == 0
                 and not self._legs.get(prefill.id) and extra <= slack):
             return PDDecision(True, f"remote (soft role): {prefill.id} idle, remote costs "
-                              f"{extra:+.1f}s ≤ {slack:.1f}s slack and keeps {decode.id} free "
+                              f"{extra:+.1f}s <= {slack:.1f}s slack and keeps {decode.id} free "
                               f"to decode; was {dec.reason}", dec.predicted_local_s,
                               dec.predicted_remote_s)
         return dec
@@ -201,7 +201,11 @@ class SoftRoles:
         `prefill_s`: the prompt's predicted prefill time on the prefill worker.
         The decider's rule goes remote when the decode worker's streams × its
         local prefill outweigh remote's extra TTFT; streams decoding on the
-        prefill worker would stall for the remote prefill just the same.
+        prefill worker would stall for the remote prefill just the same. A tie
+        (and remote's small extra TTFT, within the slack) goes remote: a remote
+        prefill starts the hold that keeps new streams off the prefill worker,
+        so its streams drain and the next long prompts stall nothing, where a
+        local one stalls the decode worker's streams now and keeps both mixed.
         """
         if not (self.enabled and dec.remote) or dec.predicted_local_s is None \
                 or dec.predicted_remote_s is None:
@@ -211,14 +215,16 @@ class SoftRoles:
             return dec
         on_d = streams(decode)
         local_stall = on_d * dec.predicted_local_s
-        remote_cost = on_p * prefill_s + max(0.0, dec.predicted_remote_s - dec.predicted_local_s)
-        if remote_cost < local_stall:
+        slack = max(REMOTE_SLACK_S, REMOTE_SLACK * dec.predicted_local_s)
+        extra = dec.predicted_remote_s - dec.predicted_local_s
+        remote_cost = on_p * prefill_s + max(0.0, extra - slack)
+        if remote_cost <= local_stall:
             return PDDecision(True, f"{dec.reason}; remote still: {on_p} stream(s) on "
-                              f"{prefill.id} stall {on_p * prefill_s:.1f} stream-s < "
+                              f"{prefill.id} stall {remote_cost:.1f} stream-s <= "
                               f"{local_stall:.1f} here", dec.predicted_local_s,
                               dec.predicted_remote_s)
         return PDDecision(False, f"local: {on_p} whole stream(s) on {prefill.id} would stall "
-                          f"{remote_cost:.1f} stream-s ≥ {local_stall:.1f} on {decode.id}; "
+                          f"{remote_cost:.1f} stream-s >= {local_stall:.1f} on {decode.id}; "
                           f"was {dec.reason}", dec.predicted_local_s, dec.predicted_remote_s)
 
 

@@ -72,9 +72,12 @@ def test_remote_prefill_counts_the_stall_of_whole_streams_on_the_prefill_worker(
     s.whole_started("prefill-0")
     kept = s.weigh(dec, pre, decode, 2.0)
     assert kept.remote and "remote still" in kept.reason
-    # Four whole streams there cost more than three here: prefill locally.
-    for _ in range(3):
+    # As many there as here: still remote (it drains the prefill worker of streams).
+    for _ in range(2):
         s.whole_started("prefill-0")
+    assert s.weigh(dec, pre, decode, 2.0).remote
+    # Four whole streams there cost more than three here: prefill locally.
+    s.whole_started("prefill-0")
     moved = s.weigh(dec, pre, decode, 2.0)
     assert not moved.remote and moved.reason.startswith("local: 4 whole stream(s) on prefill-0")
     # A local decision is never turned remote.
