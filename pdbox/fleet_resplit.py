@@ -26,27 +26,39 @@ class Resplitter:
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
         self.ctl = resplit.SplitController(fleet.profile.autoscaler.resplit_dwell_s)
+        self.batch = resplit.BatchWindow()
+        self._model: Any = None
         self.busy = False
 
     def status(self, now: float) -> dict[str, Any]:
         return {**self.ctl.status(self.fleet.live_profile, now), "moving": self.busy}
 
     def maybe_resplit(self, decode_itl_p90_s: float | None = None) -> None:
-        """Move a core (CPU) or SM share (MPS) between roles when their loads diverge.
+        """Move a core (CPU) or SM share (MPS) between the roles: the rule replay judges.
 
+        Decode gets the fewest units whose step at its batch of the last minute
+        (p90) stays within half the ITL target, prefill the rest
+        (`resplit.itl_demands`, with the device model of pdbox/replay/split_sim.py).
         `SplitController` holds the hysteresis, the dwell after each move and the
         operator's pin; a split the card cannot hold step by step is not tried
         (it would fail, revert and be retried every period).
         """
         p = self.fleet.profile
-        if not (p.autoscaler.resplit and p.is_pd) or self.busy or self.fleet.drains:
+        if not (p.autoscaler.resplit and p.is_pd):
             return
-        load = self._role_load()
-        new = self.ctl.propose(self.fleet.live_profile, load["prefill"], load["decode"],
-                               time.monotonic())
+        now = time.monotonic()
+        running, context = self._decoding()
+        self.batch.add(now, running, context)
+        if self.busy or self.fleet.drains or not self.batch.full(now):
+            return
+        if self._model is None:
+            from pdbox.replay.split_sim import BoxModel
+
+            self._model = BoxModel.for_profile(p)
+        pre, dec, why = resplit.itl_demands(self._model, self.batch, p.slo.itl_s)
+        new = self.ctl.propose(self.fleet.live_profile, pre, dec, now)
         if new is None:
             return
-        why = f"load prefill {load['prefill']:.0f}, decode {load['decode']:.0f}"
         try:
             self.resplit_to(new, why, decode_itl_p90_s)
         except resplit.SplitError as exc:
@@ -54,12 +66,13 @@ class Resplitter:
                 self.fleet.event("scale", f"re-split held: {exc}")
             self.ctl.held = str(exc)
 
-    def _role_load(self) -> dict[str, float]:
-        load = {r: 0.0 for r in ("prefill", "decode")}
+    def _decoding(self) -> tuple[float, float]:
+        """Sequences decoding on the box and the KV tokens they hold (from KV use)."""
+        running = context = 0.0
         for b in self.fleet.registry.backends.values():
-            if b.role in load:
-                load[b.role] += b.waiting + b.running + b.inflight
-        return load
+            running += b.running
+            context += b.kv_usage * b.num_blocks * self.fleet.profile.model.block_size
+        return running, context
 
     def pin_split(self, text: str | None) -> dict[str, Any]:
         """The operator's split (`pdbox scale split A/B`), or `None` to hand it back."""

@@ -17,6 +17,7 @@ processes here.
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from typing import Any
 
 from pdbox.autoscaler import Split
@@ -306,3 +307,51 @@ def size_decode_batch(current: int, running: float, waiting: float, itl_p90_s: f
     if waiting > 0 and itl_p90_s < 0.5 * itl_slo_s:
         return min(MAX_SEQS, cur * 2)
     return current
+
+
+# ------------------------------------------------------- what decode needs (one rule)
+
+
+class BatchWindow:
+    """The decode batch over the last `window_s`: running sequences and their KV tokens,
+    sampled once per period. The same object feeds the live loop and the replay."""
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, float, float]] = deque()
+        self._first: float | None = None
+
+    def add(self, now: float, running: float, context: float) -> None:
+        self._first = now if self._first is None else self._first
+        self._samples.append((now, running, context))
+        while self._samples and self._samples[0][0] < now - self.window_s:
+            self._samples.popleft()
+
+    def full(self, now: float) -> bool:
+        """A whole window has been seen (nothing moves on less)."""
+        return self._first is not None and now - self._first >= self.window_s
+
+    def p90(self) -> tuple[float, float]:
+        """(batch p90, the KV tokens such a batch holds at the window's mean per sequence)."""
+        if not self._samples:
+            return 0.0, 0.0
+        batches = sorted(b for _, b, _ in self._samples)
+        b = batches[int(0.9 * (len(batches) - 1))]
+        per_seq = sum(c for _, _, c in self._samples) / max(1.0, sum(batches))
+        return b, b * per_seq
+
+
+def itl_demands(model: Any, window: BatchWindow, itl_slo_s: float) -> tuple[float, float, str]:
+    """(prefill demand, decode demand, why) for `SplitController.propose`.
+
+    Decode gets the fewest units whose step at its recent batch (p90) stays within
+    half the ITL target (the other half for prefills beside it); prefill gets the
+    rest, which soft roles use for whole requests when there is little to prefill.
+    `model` is a `pdbox.replay.split_sim.BoxModel`. Scaled by 100 so that the
+    controller's floor of 0.5 (meant for request counts) never binds.
+    """
+    b, ctx = window.p90()
+    dec = model.decode_units_for(b, ctx, 0.5 * itl_slo_s)
+    why = (f"decode batch p90 {b:.0f} needs {dec:.0f} of {model.units} units for a "
+           f"{0.5 * itl_slo_s * 1000:.0f} ms step")
+    return 100.0 * (model.units - dec), 100.0 * dec, why

@@ -33,12 +33,12 @@ the prefill worker's whole streams would stall more than the decode worker's.
 With soft roles off, the threshold decider: long remote, short local. While
 one role restarts, the other serves every request whole.
 
-The re-split loop (`resplit=True`) looks every `autoscaler.period_s` at the
-last minute: the share prefill needs for the long prompts that arrived (at
-70 % use), and the share decode needs to stay bandwidth-bound at its mean
-batch. `SplitController` (hysteresis, dwell, as live) turns them into a
-move, which is break before make: a role drains, restarts for `startup_s` on
-its new share, then the other.
+The re-split loop (`resplit=True`) is the live one (`pdbox.resplit`): every
+`autoscaler.period_s` it gives decode the fewest units whose step at its
+recent batch stays within half the ITL target (`itl_demands`) and prefill the
+rest; `SplitController` (hysteresis, dwell) turns that into a move, which is
+break before make: a role drains, restarts for `startup_s` on its new share,
+then the other.
 """
 
 from __future__ import annotations
@@ -54,7 +54,15 @@ from pdbox.autoscaler import Split
 from pdbox.config import Profile
 from pdbox.replay.autoscale import WorkerModel
 from pdbox.replay.traces import TraceRequest
-from pdbox.resplit import SplitController, apply_split, current_split, describe_split, order_roles
+from pdbox.resplit import (
+    BatchWindow,
+    SplitController,
+    apply_split,
+    current_split,
+    describe_split,
+    itl_demands,
+    order_roles,
+)
 from pdbox.router.metrics import percentile
 
 # Published dense BF16 peak and HBM bandwidth of the cards the GPU profiles name.
@@ -120,16 +128,6 @@ class BoxModel:
             return self.cpu.kv_transfer_s
         return 0.002 + tokens * self.kv_bytes_per_token / (0.25 * self.bandwidth / MBU)
 
-    def decode_share_needed(self, batch: float, context: float) -> float:
-        """Units past which a decode step of `batch` gets no faster: where the
-        bandwidth saturates, or where its FLOPs stop fitting in the memory time."""
-        if self.device == "cpu":
-            return 1.0
-        if batch <= 0:
-            return 0.0
-        mem = (self.weights_bytes + context * self.kv_bytes_per_token) / self.bandwidth
-        return 100.0 * max(BW_SAT_SHARE, self.flops_per_token * batch / (self.flops * mem))
-
     def decode_units_for(self, batch: float, context: float, step_target_s: float) -> float:
         """The fewest units (5 % steps, or whole cores) whose decode step of `batch`
         takes at most `step_target_s`; the most a split may give when none does."""
@@ -140,11 +138,6 @@ class BoxModel:
                 self.step_s(units, max(1, round(batch)), context, 0) > step_target_s:
             units += step
         return float(units)
-
-    def prefill_units_needed(self, tokens_per_s: float) -> float:
-        if self.device == "cpu":
-            return tokens_per_s / self.cpu.prefill_tokens_per_s
-        return 100.0 * tokens_per_s * self.flops_per_token / self.flops
 
 
 def _model(profile: Profile) -> tuple[float, float, str]:
@@ -229,8 +222,7 @@ class _SplitSim:
         self.moves: list[dict[str, Any]] = []
         self.restart_plan: list[str] = []
         self.target: Profile | None = None
-        self.long_tokens: deque[tuple[float, int]] = deque()
-        self.batch_samples: deque[tuple[float, float, float]] = deque()
+        self.batch = BatchWindow(WINDOW_S)
         self.finished = 0
 
     def _units(self, sp: Split, role: str) -> float:
@@ -248,8 +240,6 @@ class _SplitSim:
         pre, dec = self.w["prefill"], self.w["decode"]
         p_up, d_up = pre.state == "up", dec.state == "up"
         long = r.inp >= self.gate
-        if long:
-            self.long_tokens.append((self.now, r.inp))
         if not p_up and not d_up:
             self.pending.append(r)
             return
@@ -352,35 +342,18 @@ class _SplitSim:
 
     def tick(self) -> None:
         now = self.now
-        for dq in (self.long_tokens, self.batch_samples):
-            while dq and dq[0][0] < now - WINDOW_S:
-                dq.popleft()
-        running = sum(len(w.running) for w in self.w.values())
-        ctx = sum(w.ctx for w in self.w.values())
-        self.batch_samples.append((now, running, ctx))
+        self.batch.add(now, sum(len(w.running) for w in self.w.values()),
+                       sum(w.ctx for w in self.w.values()))
         # Nothing moves before a whole window of load has been seen.
-        if not self.resplit or self.target is not None or now < WINDOW_S:
+        if not self.resplit or self.target is not None or not self.batch.full(now):
             return
-        # Decode gets the least share that keeps a step of its recent batch (p90)
-        # within half the ITL target (the other half for prefills beside it);
-        # prefill gets the rest, which soft roles use for whole requests when
-        # there is little prefill work.
-        batches = sorted(x for _, x, _ in self.batch_samples)
-        b = batches[int(0.9 * (len(batches) - 1))]
-        c = sum(x for _, _, x in self.batch_samples) / max(1.0, sum(
-            x for _, x, _ in self.batch_samples)) * b
-        dec_need = self.m.decode_units_for(b, c, 0.5 * self.p.slo.itl_s)
-        pre_need = self.m.units - dec_need
-        # SplitController floors each load at 0.5 (for request counts): scale the
-        # units up so that the floor never binds.
-        new = self.ctl.propose(self.live, 100 * pre_need, 100 * dec_need, now)
+        pre, dec, why = itl_demands(self.m, self.batch, self.p.slo.itl_s)
+        new = self.ctl.propose(self.live, pre, dec, now)
         if new is None:
             return
-        self.ctl.moved(now, f"decode batch p90 {b:.0f} needs {dec_need:.0f} units for ITL "
-                            f"{0.5 * self.p.slo.itl_s * 1000:.0f} ms")
+        self.ctl.moved(now, why)
         target = apply_split(self.live, new)
-        self.moves.append({"t": round(now, 1), "to": describe_split(new),
-                           "why": self.ctl.last_reason})
+        self.moves.append({"t": round(now, 1), "to": describe_split(new), "why": why})
         self.target = target
         self.restart_plan = list(order_roles(self.live, target))
         self.next_restart()

@@ -186,3 +186,26 @@ def test_decode_batch_follows_queue_and_itl() -> None:
     assert size_decode_batch(16, running=8, waiting=0, itl_p90_s=0.04, itl_slo_s=0.05) == 16
     # Never below the floor.
     assert size_decode_batch(0, running=2, waiting=0, itl_p90_s=1.0, itl_slo_s=0.05) == 4
+
+
+def test_decode_gets_the_fewest_units_that_keep_its_step_within_half_the_itl_target() -> None:
+    from pdbox.replay.split_sim import BoxModel
+    from pdbox.resplit import BatchWindow, itl_demands
+
+    p = config.load("gh200-pd")
+    model = BoxModel.for_profile(p)
+    w = BatchWindow(60.0)
+    for t in range(0, 61, 5):
+        w.add(float(t), 8, 8 * 2000)
+    assert w.full(60.0) and not BatchWindow(60.0).full(0.0)
+    pre, dec, why = itl_demands(model, w, p.slo.itl_s)
+    assert pre + dec == pytest.approx(100 * 100)
+    units = dec / 100
+    assert model.step_s(units, 8, 16000, 0) <= 0.5 * p.slo.itl_s
+    assert units == 10 or model.step_s(units - 5, 8, 16000, 0) > 0.5 * p.slo.itl_s
+    assert "decode batch p90 8" in why
+    # A far larger batch needs more of the card.
+    big = BatchWindow(60.0)
+    for t in range(0, 61, 5):
+        big.add(float(t), 400, 400 * 4000)
+    assert itl_demands(model, big, p.slo.itl_s)[1] > dec
