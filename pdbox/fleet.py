@@ -141,7 +141,7 @@ class Fleet:
         self.on_change()
         on_progress("starting workers: " + ", ".join(self.supervisor.workers))
         serving = [w.id for w in self.supervisor.workers.values()
-                   if w.role in self.registry.decode_roles()]
+                   if w.role in self.router.serving_roles()]
         await self.supervisor.wait_ready(any_of=serving)
         self._tasks.append(asyncio.create_task(self._supervise_loop()))
 
@@ -152,9 +152,9 @@ class Fleet:
         waiting = [w.id for w in self.supervisor.workers.values() if w.state in STARTING]
         if not waiting:
             return ""
-        has_prefill = any(w.role == "prefill" and w.state == "ready"
-                          for w in self.supervisor.workers.values())
-        if self.profile.is_pd and not has_prefill:
+        ready = {w.role for w in self.supervisor.workers.values() if w.state == "ready"}
+        # One role alone serves every request whole (a prefill worker does with soft roles).
+        if self.profile.is_pd and not {"prefill", "decode"} <= ready:
             return f"aggregated until {', '.join(waiting)} is ready"
         return f"{', '.join(waiting)} still starting"
 
@@ -235,7 +235,7 @@ class Fleet:
         """When each serving-role worker that is starting is expected to be ready."""
         if self.supervisor is None:
             return []
-        serving = self.registry.decode_roles()
+        serving = self.router.serving_roles()
         out = []
         for w in self.supervisor.workers.values():
             if w.role in serving and w.state in STARTING:
