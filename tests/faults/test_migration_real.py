@@ -57,17 +57,33 @@ class Stream:
             and self.usage_tokens == MAX_TOKENS
 
 
-@pytest.fixture(scope="module")
-def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pdbox]:
-    tmp = tmp_path_factory.mktemp("migration-real")
+def with_keys(text: str, section: str, **keys: str) -> str:
+    """A profile's TOML with `keys` set in `section` (replaced, added, or a new section)."""
+    lines = text.splitlines()
+    try:
+        start = lines.index(f"[{section}]")
+    except ValueError:
+        return text + f"\n[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")), len(lines))
+    body = [ln for ln in lines[start + 1:end] if ln.split("=")[0].strip() not in keys]
+    body += [f"{k} = {v}" for k, v in keys.items()]
+    return "\n".join(lines[:start + 1] + body + lines[end:]) + "\n"
+
+
+# cpu-aggregated: two aggregated workers, one killed. cpu-tiny: P/D with soft roles, the
+# decode worker killed; the prefill worker may serve whole requests and takes its streams.
+@pytest.fixture(scope="module", params=["cpu-aggregated", "cpu-tiny"])
+def box(request: pytest.FixtureRequest,
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pdbox]:
+    name = request.param
+    tmp = tmp_path_factory.mktemp(f"migration-{name}")
     # 24 streams at once must all be admitted (not the admission rules under
     # test here), and the autoscaler must not take a worker away meanwhile.
-    text = (PROFILES / "cpu-aggregated.toml").read_text()
-    text = text.replace('name = "cpu-aggregated"', 'name = "cpu-aggregated-migration"')
-    text = text.replace("[router]\n", "[router]\nmax_inflight_per_worker = 16\n"
-                        "request_timeout_s = 120.0\n", 1)
-    text += "\n[autoscaler]\nenabled = false\n"
-    prof = tmp / "cpu-aggregated-migration.toml"
+    text = (PROFILES / f"{name}.toml").read_text()
+    text = text.replace(f'name = "{name}"', f'name = "{name}-migration"')
+    text = with_keys(text, "router", max_inflight_per_worker="16", request_timeout_s="120.0")
+    text = with_keys(text, "autoscaler", enabled="false")
+    prof = tmp / f"{name}-migration.toml"
     prof.write_text(text)
     b = start_pdbox(tmp, ["--profile", str(prof)])
     groups = [w["pgid"] for w in b.state().get("workers", [])]
@@ -146,7 +162,8 @@ def test_sigkill_of_a_worker_under_24_streams(box: Pdbox) -> None:
         e.wait(max(0.0, 60 - (time.monotonic() - t0)))
     while min(s.tokens for s in streams) < MAX_TOKENS // 4 and time.monotonic() - t0 < 60:
         time.sleep(0.02)
-    victim = sorted(workers)[0]
+    # The decode worker in P/D, else the first aggregated one.
+    victim = sorted(workers, key=lambda w: (workers[w]["role"] != "decode", w))[0]
     tokens_at_kill = [s.tokens for s in streams]
     for s in streams:
         s.chars_at_kill = len(s.text)
