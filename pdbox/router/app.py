@@ -113,6 +113,11 @@ class Router:
         self._xfer_seen: dict[tuple[str, ...], tuple[float, ...]] = {}
         # worker -> (sum, count) of its engine prefill time when last learnt from
         self._prefill_seen: dict[str, tuple[float, float]] = {}
+        # decode worker -> remote (KV-pulling) requests open on it; and the workers that
+        # had one since the decider last learnt from their engine figures
+        self._kv_pulls: dict[str, int] = {}
+        self._kv_pulled: set[str] = set()
+        self._pulled_before: dict[str, bool] = {}
         # request id -> (worker, prompt block hashes, sent at): KV events due once prefilled
         self._awaiting_events: dict[str, tuple[str, list[int], float]] = {}
         self.events = events
@@ -492,6 +497,9 @@ class Router:
         if pd == "whole":
             self.soft.whole_started(decode.id)
         self._awaiting_events[request_id] = (decode.id, hashes, time.monotonic())
+        if kv_params is not None:
+            self._kv_pulls[decode.id] = self._kv_pulls.get(decode.id, 0) + 1
+            self._kv_pulled.add(decode.id)
         try:
             return await self._decode_leg(request, body, kv_params, decode, path, headers,
                                           request_id, decision, hashes, uncached, t0, last_try)
@@ -502,6 +510,8 @@ class Router:
             # No first token seen (failed, client left): end its backlog entry unlearnt.
             self.decider.prefill_done(decode.id, request_id, time.monotonic(), ok=False)
             self._awaiting_events.pop(request_id, None)
+            if kv_params is not None:
+                self._kv_pulls[decode.id] -= 1
 
     async def _decode_leg(self, request: web.Request, body: dict[str, Any],
                           kv_params: dict[str, Any] | None, decode: Backend, path: str,
@@ -677,10 +687,20 @@ class Router:
           decider's preferred teacher.
         """
         for b in self.registry.backends.values():
+            self.decider.set_slice(b.id, self._slice_key(b.role))
             xfer = self._delta(b, "vllm:nixl_xfer_time_seconds_sum",
                                "vllm:nixl_xfer_time_seconds_count")
             if xfer is not None and xfer[1] > 0 and xfer[0] >= 0:
                 self.decider.observe_transfer(xfer[0] / xfer[1])
+            # A request whose KV was pulled counts as "computed" on the decode worker
+            # (vLLM reports the prefill side's cache hits for it), with the pull as its
+            # prefill time: a window that holds one is no prefill speed. NIXL's own
+            # counters lag a stats tick, hence the previous call's too.
+            pulled = bool(xfer and xfer[1] > 0)
+            mixed = pulled or b.id in self._kv_pulled or self._pulled_before.get(b.id, False)
+            self._pulled_before[b.id] = pulled
+            if not self._kv_pulls.get(b.id):
+                self._kv_pulled.discard(b.id)
             # Prompt tokens computed and engine prefill time of the requests
             # that finished since the last call (the same requests in both).
             tokens = self._delta(b, "vllm:request_prefill_kv_computed_tokens_sum",
@@ -690,7 +710,7 @@ class Router:
             if seconds is not None:
                 self._prefill_seen[b.id] = (seconds.sum, seconds.count)
             if tokens is not None and seconds is not None and prev is not None \
-                    and seconds.count - prev[1] == tokens[1] > 0:
+                    and seconds.count - prev[1] == tokens[1] > 0 and not mixed:
                 self.decider.observe_engine_prefill(b.id, tokens[0], seconds.sum - prev[0],
                                                     tokens[1])
 
