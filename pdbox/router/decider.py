@@ -241,8 +241,9 @@ class PDDecider:
         (prompt tokens computed, cache hits excluded), `seconds` that of
         `vllm:request_prefill_time_seconds_sum`, `requests` that of its count.
         A window whose requests computed fewer tokens on average than the P/D
-        gate is skipped: remote-prefilled requests on a decode worker compute
-        almost nothing and their "prefill" is the KV pull.
+        gate is skipped. The router does not call this for a decode worker's
+        window that held a KV pull: vLLM counts the pulled prompt as computed
+        there and the pull as its prefill time.
         """
         if requests <= 0 or tokens <= 0 or seconds <= 0:
             return
