@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from pdbox.router.metrics import sum_series
 from pdbox.workers.supervisor import group_running
 from tests.e2e.conftest import PROFILES, Pdbox, start_pdbox, stop_group
 
@@ -196,8 +197,7 @@ def test_sigkill_of_a_worker_under_24_streams(box: Pdbox) -> None:
     for s in full:  # one answer: one role chunk, one id
         assert s.roles == 1 and len(s.ids) == 1, (s.index, s.roles, s.ids)
     metrics = _get(box, "/metrics")
-    moved_total = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                      if line.startswith('pdbox_migrations_total{outcome="moved"}'))
+    moved_total = sum_series(metrics, "pdbox_migrations_total", outcome="moved")
     assert moved_total >= len(moved)
     events = [e["message"] for e in box.status().get("events", [])]
     assert any(f"moved from {victim} to" in m for m in events), events[-10:]
