@@ -551,6 +551,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fail-after-chunks", type=int, default=None,
                     help="reset the connection after this many streamed chunks")
     ap.add_argument("--hang", action="store_true", help="accept requests and never answer")
+    ap.add_argument("--stall-after-chunks", type=int, default=None,
+                    help="stop sending after this many streamed chunks (a stalled worker)")
     ap.add_argument("--uvloop", action="store_true", help="run on uvloop if installed")
     return ap.parse_args(argv)
 
@@ -559,7 +561,7 @@ async def _serve(args: argparse.Namespace) -> None:
     cfg = MockConfig(model=args.model, tokens=args.tokens, itl_ms=args.itl_ms,
                      ttft_ms=args.ttft_ms, max_model_len=args.max_model_len)
     faults = Faults(fail_status=args.fail_status, fail_after_chunks=args.fail_after_chunks,
-                    hang=args.hang)
+                    hang=args.hang, stall_after_chunks=args.stall_after_chunks)
     server = MockServer(cfg, faults)
     url = await server.start(args.host, args.port)
     print(url, flush=True)

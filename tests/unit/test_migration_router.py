@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
 import pytest
 
-from pdbox.devtools.mock_openai import Faults, MockConfig
+from pdbox.devtools.mock_openai import Faults, MockConfig, MockServer
 from tests.helpers import sse_events
 from tests.unit.test_router_app import Box, chat, completion, pd_profile, profile, run, until
 
@@ -230,3 +231,27 @@ def test_non_stream_whose_worker_dies_before_answering_is_sent_to_another() -> N
         assert "pdbox_retries_total 1" in await box.metrics()
 
     run(check, TWO, profile(policy="round_robin"))
+
+
+def test_mock_stalls_on_request_and_continues_where_the_text_stops() -> None:
+    async def go() -> None:
+        async with MockServer(MockConfig(tokens=8)) as m, aiohttp.ClientSession() as s:
+            async with s.post(f"{m.url}/mock/faults", json={"stall_after_chunks": 2,
+                                                            "count": 1}) as r:
+                assert r.status == 200
+            body = chat("hi", stream=True, max_tokens=4)
+            async with s.post(f"{m.url}/v1/chat/completions", json=body) as r:
+                got = b""
+                with pytest.raises(TimeoutError):
+                    while True:
+                        got += await asyncio.wait_for(r.content.readany(), 0.3)
+            assert len(sse_events(got)) == 2  # role + one token, then nothing
+            body = chat("hi", stream=True, max_tokens=3, continue_final_message=True,
+                        add_generation_prompt=False)
+            body["messages"].append({"role": "assistant", "content": " t0 t1"})
+            async with s.post(f"{m.url}/v1/chat/completions", json=body) as r:
+                chunks, _ = split(sse_events(await r.read()))
+            text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+            assert text == " t2 t3 t4"
+
+    asyncio.run(go())
