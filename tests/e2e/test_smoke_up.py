@@ -98,7 +98,7 @@ def test_smoke_up_passes_on_cpu_tiny(tmp_path: Path) -> None:
     checks = report["checks"]
     names = [c["name"] for c in checks]
     assert names == ["up", "health", "models", "completion", "stream_chat", "bad_input",
-                     "prefix_hit", "pd_transfer", "scale", "down"], context
+                     "prefix_hit", "pd_transfer", "pd_greedy", "scale", "down"], context
     assert all(c["ok"] for c in checks), context
     # cpu-tiny is P/D, so the P/D check must run. The scale check may only be skipped
     # because the autoscaler already grew decode to its max (on a loaded box ITL rises).
