@@ -270,7 +270,9 @@ class PreciseIndex:
         if known is None:
             return None
         key: Hashable = engine_key
-        while key is not None and key not in wb.by_engine:
+        for _ in range(len(wb.lineage)):  # a chain is never longer (and never loops)
+            if key is None or key in wb.by_engine:
+                break
             entry = wb.lineage.get(key)
             if entry is None:
                 break
