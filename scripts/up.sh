@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set everything up (first run: a few minutes; later: a second) and start pdbox
+# Set everything up (first run: about half a minute; later: instant) and start pdbox
 # on its embedded default. Extra arguments go to `pdbox up`.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
