@@ -244,8 +244,13 @@ def test_decode_hang_caught_by_health_timeout(box: Pdbox) -> None:
     TIMES["hang_detected"] = time.monotonic() - t_stop
     t.join(90)
     code, body = result["answer"]
-    # The request waiting on the hung worker ended with an explicit error.
-    assert code in (502, 503), (code, body)
+    # The request waiting on the hung worker is answered whole elsewhere (the
+    # prefill worker with soft roles takes it once the stall is seen), or ends
+    # with an explicit error; it never hangs.
+    if code == 200:
+        assert body["choices"][0]["message"]["content"] is not None, body
+    else:
+        assert code in (502, 503) and "error" in body, (code, body)
     assert result["took"] < 60
     TIMES["hang_request_ended"] = result["took"]
     all_ready(box)
@@ -258,7 +263,11 @@ def test_burst_against_real_workers_accounts_for_every_request(box: Pdbox) -> No
                  timeout=120)
     assert s["lost"] == 0 and s["duplicated"] == 0, s
     assert s["errors"] == 0, s["error_kinds"]
-    assert s["completed"] > 0 and s["rejected_429"] > 0
+    # Every request is accounted for. Whether any is refused depends on the
+    # capacity: with soft roles the prefill worker's slots count too, so the
+    # box may absorb the whole burst; any refusal carries Retry-After.
+    assert s["completed"] > 0 and s["completed"] + s["rejected_429"] == s["sent"], s
+    assert s["missing_retry_after"] == 0, s
     TIMES["burst_sent"] = s["sent"]
     TIMES["burst_completed"] = s["completed"]
     TIMES["burst_429"] = s["rejected_429"]
