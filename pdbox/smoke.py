@@ -17,6 +17,7 @@ import json
 import os
 import queue
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -381,9 +382,11 @@ class Smoke:
         model = await self._model()
         reasons: list[str] = []
         words = 400
+        some_url = next(u for u in prefills.values() if u)
         for attempt in range(1, 4):
             await self._wait_idle()
-            body = {"model": model, "prompt": unique_text(words), "max_tokens": GREEDY_TOKENS,
+            prompt = await self._aligned_prompt(some_url, model, unique_text(words))
+            body = {"model": model, "prompt": prompt, "max_tokens": GREEDY_TOKENS,
                     "temperature": 0, "ignore_eos": True}
             status, headers, data = await self._post("/completions", body, headers=FORCE_REMOTE)
             if status != 200:
@@ -415,6 +418,33 @@ class Smoke:
             return (f"remote on try {attempt} ({pre} → {headers.get('x-pdbox-decode-worker')}) "
                     f"and {pre} alone agree on {n or GREEDY_TOKENS} greedy tokens: {_preview(got)}")
         raise CheckFailed("the router prefilled locally every time: " + " | ".join(reasons))
+
+    async def _aligned_prompt(self, url: str, model: str, text: str) -> str | list[int]:
+        """The text's token ids cut to k whole KV blocks plus one token.
+
+        Then both paths compute exactly one prompt token over the same KV: the
+        decode worker over the blocks it pulled, the prefill worker over the
+        same blocks from its prefix cache. Any other length leaves a partial
+        block that one side recomputes in a pass of another shape, and on a CPU
+        bf16 results follow the shape, so a near tie may flip a greedy token
+        without anything being wrong. Falls back to the text when the worker
+        does not say its block size or cannot tokenize.
+        """
+        try:
+            async with self.http.get(f"{url}/metrics") as r:
+                m = re.search(r'vllm:cache_config_info\{[^}]*block_size="(\d+)"', await r.text())
+            async with self.http.post(f"{url}/tokenize",
+                                      json={"model": model, "prompt": text}) as r:
+                ids = (await r.json(content_type=None)).get("tokens") if r.status == 200 else None
+        except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError):
+            return text
+        if not m or not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            return text
+        block = int(m.group(1))
+        whole = (len(ids) - 1) // block
+        if whole < 1:
+            return text
+        return ids[: whole * block + 1]
 
     async def _wait_idle(self, within_s: float = 60.0) -> None:
         """Wait until no worker has requests (the comparison needs an unbatched request)."""

@@ -56,7 +56,8 @@ FAULTS_ENV = "PDBOX_TEST_KV_FAULTS"
 
 # Field order of the array_like encoding (vllm/distributed/kv_events.py).
 _FIELDS: dict[str, tuple[str, ...]] = {
-    "BlockStored": ("block_hashes", "parent_block_hash", "token_ids", "block_size"),
+    "BlockStored": ("block_hashes", "parent_block_hash", "token_ids", "block_size",
+                    "lora_id", "medium"),
     "BlockRemoved": ("block_hashes", "medium"),
     "AllBlocksCleared": (),
 }

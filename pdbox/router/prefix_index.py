@@ -157,6 +157,13 @@ class _WorkerBlocks:
             self.held[router_hash] = n
 
 
+# A block held only in a host-memory tier (vLLM's OffloadingConnector, `medium`
+# "CPU") saves its prefill but must be copied back to the GPU first: it counts
+# as this much of a block held on the device.
+HOST_TIER_WEIGHT = 0.5
+DEVICE_MEDIA = (None, "GPU", "gpu", "cuda")
+
+
 class PreciseIndex:
     """What each worker really caches, from vLLM's KV-cache events.
 
@@ -185,6 +192,8 @@ class PreciseIndex:
         self.block_size = block_size
         self.max_blocks_per_worker = max_blocks_per_worker
         self._workers: dict[str, _WorkerBlocks] = {}
+        # Blocks in a host-memory tier, per worker (events whose medium is not the device).
+        self._host: dict[str, _WorkerBlocks] = {}
         self.events_applied = 0
         self.blocks_skipped = 0
         self.feeds: dict[str, Feed] = {}
@@ -208,7 +217,8 @@ class PreciseIndex:
         if kind == "BlockStored":
             why = self._stored(worker_id, event)
         elif kind == "BlockRemoved":
-            wb = self._workers.get(worker_id)
+            tiers = self._host if event.get("medium") not in DEVICE_MEDIA else self._workers
+            wb = tiers.get(worker_id)
             if wb is not None:
                 for h in event.get("block_hashes") or ():
                     wb.remove(_key(h))
@@ -232,6 +242,8 @@ class PreciseIndex:
             self.blocks_skipped += len(engine_hashes)
             return f"block size {size}, router uses {self.block_size}"
         wb = self._workers.setdefault(worker_id, _WorkerBlocks())
+        if ev.get("medium") not in DEVICE_MEDIA:
+            return self._stored_host(worker_id, ev, wb, size)
         parent_engine = ev.get("parent_block_hash")
         parent_key: Hashable = None
         if parent_engine is None:
@@ -263,6 +275,38 @@ class PreciseIndex:
             wb.lineage.popitem(last=False)
         return why
 
+    def _stored_host(self, worker_id: str, ev: dict[str, Any], device: _WorkerBlocks,
+                     size: int) -> str | None:
+        """A block copied to a host tier: placed by the chain the device tier knows
+        (offloaded blocks were device blocks first), else by its parent there."""
+        host = self._host.setdefault(worker_id, _WorkerBlocks(device.lineage))
+        parent_key: Hashable = None if ev.get("parent_block_hash") is None \
+            else _key(ev["parent_block_hash"])
+        parent = None
+        if parent_key is not None:
+            parent = host.by_engine.get(parent_key) or device.by_engine.get(parent_key)
+            if parent is None and parent_key in device.lineage:
+                parent = device.lineage[parent_key][0]
+            if parent is None:
+                self.blocks_skipped += len(ev.get("block_hashes") or [])
+                return "parent block never announced"
+        tokens = ev.get("token_ids") or []
+        for i, eh in enumerate(ev.get("block_hashes") or []):
+            key = _key(eh)
+            known = device.lineage.get(key)
+            block = tokens[i * size : (i + 1) * size]
+            if known is not None:
+                parent = known[0]
+            elif len(block) == size:
+                parent = chain_hash(parent, block)
+            else:
+                self.blocks_skipped += 1
+                return "partial block"
+            host.add(key, parent)
+        while len(host.by_engine) > self.max_blocks_per_worker:
+            host.evict_oldest()
+        return None
+
     @staticmethod
     def _restore_chain(wb: _WorkerBlocks, engine_key: Hashable) -> int | None:
         """Mark a known block and its known ancestors held again; its router hash."""
@@ -280,11 +324,25 @@ class PreciseIndex:
             key = entry[1]
         return known[0]
 
-    def match(self, worker_id: str, hashes: Sequence[int]) -> int:
+    def match(self, worker_id: str, hashes: Sequence[int]) -> float:
+        """Leading blocks the worker holds: one for each on the device, and
+        HOST_TIER_WEIGHT for each only in a host tier."""
         wb = self._workers.get(worker_id)
-        return _leading(wb.held, hashes) if wb else 0
+        host = self._host.get(worker_id)
+        if host is None or not host.held:
+            return _leading(wb.held, hashes) if wb else 0
+        device = wb.held if wb else {}
+        n = 0.0
+        for h in hashes:
+            if h in device:
+                n += 1.0
+            elif h in host.held:
+                n += HOST_TIER_WEIGHT
+            else:
+                break
+        return n
 
-    def match_all(self, worker_ids: Iterable[str], hashes: Sequence[int]) -> dict[str, int]:
+    def match_all(self, worker_ids: Iterable[str], hashes: Sequence[int]) -> dict[str, float]:
         return {w: self.match(w, hashes) for w in worker_ids}
 
     def clear(self, worker_id: str) -> None:
@@ -292,10 +350,12 @@ class PreciseIndex:
         wb = self._workers.get(worker_id)
         if wb is not None:
             self._workers[worker_id] = _WorkerBlocks(wb.lineage)
+        self._host.pop(worker_id, None)
 
     def remove_worker(self, worker_id: str) -> None:
         """The worker left or restarted: its cache and its engine's hashes are gone."""
         self._workers.pop(worker_id, None)
+        self._host.pop(worker_id, None)
 
     def size(self, worker_id: str) -> int:
         wb = self._workers.get(worker_id)

@@ -225,3 +225,35 @@ def test_char_block_fallback() -> None:
     b = ct.encode_chat([{"role": "system", "content": "x" * 600}, {"role": "user", "content": "b"}])
     assert block_hashes(a, 512)[0] == block_hashes(b, 512)[0]
     assert list(ct.encode_prompt("ab")) == [97, 98]
+
+
+def test_host_tier_blocks_count_less_than_device_blocks() -> None:
+    """Offloaded blocks (medium "CPU") are cached, at HOST_TIER_WEIGHT of a device block."""
+    from pdbox.router.prefix_index import HOST_TIER_WEIGHT
+
+    idx = PreciseIndex(block_size=4)
+    toks = list(range(12))
+    idx.apply("w", stored([1, 2, 3], None, toks))
+    want = block_hashes(toks, 4)
+    assert idx.match("w", want) == 3
+    # Block 3 is offloaded, then evicted from the device: it still counts, for less.
+    idx.apply("w", {"type": "BlockStored", "block_hashes": [3], "parent_block_hash": 2,
+                    "token_ids": toks[8:], "block_size": 4, "medium": "CPU"})
+    idx.apply("w", {"type": "BlockRemoved", "block_hashes": [3], "medium": "GPU"})
+    assert idx.match("w", want) == 2 + HOST_TIER_WEIGHT
+    # Gone from the host tier too: only the device blocks count.
+    idx.apply("w", {"type": "BlockRemoved", "block_hashes": [3], "medium": "CPU"})
+    assert idx.match("w", want) == 2
+    # A host block on a prefix the device never announced cannot be placed.
+    assert idx.apply("w", {"type": "BlockStored", "block_hashes": [9], "parent_block_hash": 99,
+                           "token_ids": [0, 0, 0, 0], "block_size": 4,
+                           "medium": "CPU"}) == "parent block never announced"
+    idx.remove_worker("w")
+    assert idx.match("w", want) == 0
+
+
+def test_array_encoded_block_stored_keeps_its_medium() -> None:
+    from pdbox.router.kv_events import decode_event
+
+    ev = decode_event(["BlockStored", [1], None, [0, 1, 2, 3], 4, None, "CPU", None])
+    assert ev["medium"] == "CPU" and ev["block_size"] == 4
