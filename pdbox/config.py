@@ -76,6 +76,10 @@ class RoleConfig:
     sm_percent: int = 100
     memory_fraction: float = 0.0
     max_num_seqs: int = 0  # 0: vLLM's default
+    # Tokens one engine step may schedule (prefill chunks + decodes); 0: the default
+    # (vLLM's on a CPU, 8192 on a GPU). Smaller bounds a step that carries a prefill
+    # chunk beside running streams; larger prefills faster.
+    max_num_batched_tokens: int = 0
 
     def core_set(self, index: int) -> str:
         return self.cores[index % len(self.cores)] if self.cores else ""
@@ -481,6 +485,10 @@ def validate(p: Profile, ld: _Loader | None = None) -> None:
             raise fail(f"{k}.replicas", f"({rc.replicas}) must lie within [{rc.min}, {rc.max}]")
         if rc.replicas < 1:
             raise fail(f"{k}.replicas", "must be at least 1")
+        if rc.max_num_batched_tokens and rc.max_num_batched_tokens < max(rc.max_num_seqs, 1):
+            raise fail(f"{k}.max_num_batched_tokens",
+                       f"({rc.max_num_batched_tokens}) must be 0 (the default) or at least "
+                       f"{k}.max_num_seqs ({rc.max_num_seqs}), as vLLM requires")
         if p.hardware.device == "cpu":
             if not rc.cores:
                 raise fail(f"{k}.cores", 'is required on a CPU, e.g. cores = ["0"]')

@@ -144,12 +144,40 @@ class Resplitter:
             target.decode.max_num_seqs, running=sum(b.running for b in bs),
             waiting=sum(b.waiting for b in bs), itl_p90_s=decode_itl_p90_s,
             itl_slo_s=self.fleet.profile.slo.itl_s)
-        if seqs == target.decode.max_num_seqs:
+        if seqs != target.decode.max_num_seqs:
+            self.fleet.event("scale", f"re-split: decode max_num_seqs "
+                             f"{target.decode.max_num_seqs or 'default'} → {seqs} "
+                             "(queue and ITL)")
+            target = dataclasses.replace(target, decode=dataclasses.replace(
+                target.decode, max_num_seqs=seqs))
+        return self._sized_tokens(target, decode_itl_p90_s)
+
+    def _sized_tokens(self, target: Profile, decode_itl_p90_s: float | None) -> Profile:
+        """Each role's step token budget for its new workers (resplit.size_batched_tokens).
+
+        Only with measured figures: a split forced with no ITL measured keeps the budgets.
+        """
+        if decode_itl_p90_s is None or target.prefill is None or target.decode is None:
             return target
-        self.fleet.event("scale", f"re-split: decode max_num_seqs "
-                         f"{target.decode.max_num_seqs or 'default'} → {seqs} (queue and ITL)")
-        return dataclasses.replace(target, decode=dataclasses.replace(target.decode,
-                                                                      max_num_seqs=seqs))
+        router = self.fleet.router
+        slo = self.fleet.profile.slo
+        for role in ("decode", "prefill"):
+            rc = target.role(role)
+            bs = [b for b in self.fleet.registry.backends.values() if b.role == role]
+            tps = [router.decider.prefill_tps(b.id) for b in bs]
+            ttft = router.metrics.ttft.percentile(0.9, time.monotonic() - 60.0)
+            tokens = resplit.size_batched_tokens(
+                role, rc.max_num_batched_tokens, prefill_tps=min(tps) if tps else None,
+                itl_slo_s=slo.itl_s, ttft_p90_s=ttft, ttft_slo_s=slo.ttft_s,
+                waiting=sum(b.waiting for b in bs))
+            if tokens == rc.max_num_batched_tokens or tokens < max(rc.max_num_seqs, 1):
+                continue
+            self.fleet.event("scale", f"re-split: {role} max_num_batched_tokens "
+                             f"{rc.max_num_batched_tokens or 'default'} → {tokens} "
+                             "(prefill speed, ITL and TTFT)")
+            target = dataclasses.replace(target, **{role: dataclasses.replace(
+                rc, max_num_batched_tokens=tokens)})
+        return target
 
     async def _wait_ready(self, new: list[Worker]) -> bool:
         deadline = time.monotonic() + self.fleet.profile.engine.start_timeout_s

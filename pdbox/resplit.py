@@ -309,6 +309,39 @@ def size_decode_batch(current: int, running: float, waiting: float, itl_p90_s: f
     return current
 
 
+# Bounds of the step token budget the loop may set, and what 0 (the default) stands for.
+MIN_BATCHED_TOKENS = 512
+MAX_BATCHED_TOKENS = 16384
+DEFAULT_BATCHED_TOKENS = 8192
+
+
+def size_batched_tokens(role: str, current: int, *, prefill_tps: float | None,
+                        itl_slo_s: float, ttft_p90_s: float | None, ttft_slo_s: float,
+                        waiting: float) -> int:
+    """max_num_batched_tokens for a role's next workers (0 keeps the default).
+
+    The seed's "dynamic batching", for the step's token budget. Decode: a step
+    that carries a prefill chunk beside running streams must fit the ITL
+    target, so the budget shrinks to what the worker prefills within it
+    (prefill speed x ITL target, in whole 256s, at least MIN_BATCHED_TOKENS);
+    it only ever shrinks. Prefill: no stream waits on its steps, so when
+    requests queue and TTFT is over target the budget doubles (bigger chunks
+    prefill faster), up to MAX_BATCHED_TOKENS. Unknown figures change nothing.
+    Applied only at a re-split's restarts.
+    """
+    cur = current or DEFAULT_BATCHED_TOKENS
+    if role == "decode":
+        if not prefill_tps or itl_slo_s <= 0:
+            return current
+        want = max(MIN_BATCHED_TOKENS, int(prefill_tps * itl_slo_s) // 256 * 256)
+        return want if want < cur else current
+    if role == "prefill":
+        if ttft_p90_s is None or waiting <= 0 or ttft_p90_s <= ttft_slo_s:
+            return current
+        return min(MAX_BATCHED_TOKENS, cur * 2) if cur < MAX_BATCHED_TOKENS else current
+    return current
+
+
 # ------------------------------------------------------- what decode needs (one rule)
 
 

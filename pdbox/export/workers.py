@@ -91,6 +91,8 @@ def vllm_args(profile: Profile, role: str, rc: RoleConfig, port: int, model: str
         args.append("--enforce-eager")
     if rc.max_num_seqs:
         args += ["--max-num-seqs", str(rc.max_num_seqs)]
+    if rc.max_num_batched_tokens:
+        args += ["--max-num-batched-tokens", str(rc.max_num_batched_tokens)]
     if profile.router.priority_scheduling:
         args += ["--scheduling-policy", "priority"]
     if profile.is_pd and role in KV_ROLE:
@@ -263,6 +265,11 @@ def book_role(profile: Profile, role: str, rc: RoleConfig, led: Ledger) -> None:
         f"{k}.max_num_seqs",
         "vLLM --max-num-seqs",
         str(rc.max_num_seqs) if rc.max_num_seqs else None,
+    )
+    led.map(
+        f"{k}.max_num_batched_tokens",
+        "vLLM --max-num-batched-tokens",
+        str(rc.max_num_batched_tokens) if rc.max_num_batched_tokens else None,
     )
 
 

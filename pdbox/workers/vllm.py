@@ -135,7 +135,8 @@ def gpu_batch_limits(profile: Profile, rc: RoleConfig) -> tuple[int, int]:
     """(max_num_batched_tokens, max_num_seqs) a GPU worker runs with."""
     tokens = extra_flag_value(profile, "--max-num-batched-tokens")
     seqs = extra_flag_value(profile, "--max-num-seqs")
-    return (int(tokens) if tokens and tokens.isdigit() else GPU_MAX_NUM_BATCHED_TOKENS,
+    return (int(tokens) if tokens and tokens.isdigit()
+            else rc.max_num_batched_tokens or GPU_MAX_NUM_BATCHED_TOKENS,
             int(seqs) if seqs and seqs.isdigit() else rc.max_num_seqs or GPU_MAX_NUM_SEQS)
 
 
@@ -257,8 +258,11 @@ def build(
         # assumes these numbers.
         tokens, seqs = gpu_batch_limits(profile, rc)
         argv += ["--max-num-batched-tokens", str(tokens), "--max-num-seqs", str(seqs)]
-    elif rc.max_num_seqs:
-        argv += ["--max-num-seqs", str(rc.max_num_seqs)]
+    else:
+        if rc.max_num_seqs:
+            argv += ["--max-num-seqs", str(rc.max_num_seqs)]
+        if rc.max_num_batched_tokens:
+            argv += ["--max-num-batched-tokens", str(rc.max_num_batched_tokens)]
     if profile.router.priority_scheduling:
         argv += ["--scheduling-policy", "priority"]
     kv_config = kv_transfer_config(profile, role)

@@ -209,3 +209,34 @@ def test_decode_gets_the_fewest_units_that_keep_its_step_within_half_the_itl_tar
     for t in range(0, 61, 5):
         big.add(float(t), 400, 400 * 4000)
     assert itl_demands(model, big, p.slo.itl_s)[1] > dec
+
+
+def test_step_budget_follows_prefill_speed_itl_and_ttft() -> None:
+    from pdbox.resplit import MAX_BATCHED_TOKENS, MIN_BATCHED_TOKENS, size_batched_tokens
+
+    kw = dict(itl_slo_s=0.05, ttft_p90_s=None, ttft_slo_s=1.0, waiting=0.0)
+    # Decode on a GPU prefilling 20k tokens/s: a step within the 50 ms ITL target
+    # holds 1,000 prefill tokens, in whole 256s.
+    assert size_batched_tokens("decode", 0, prefill_tps=20_000.0, **kw) == 768
+    # A slow prefill (a CPU core): the floor.
+    assert size_batched_tokens("decode", 0, prefill_tps=260.0, **kw) == MIN_BATCHED_TOKENS
+    # It only shrinks, and unknown speed changes nothing.
+    assert size_batched_tokens("decode", 512, prefill_tps=1e6, **kw) == 512
+    assert size_batched_tokens("decode", 0, prefill_tps=None, **kw) == 0
+    # Prefill: queued with TTFT over target doubles, up to the cap; otherwise unchanged.
+    slow = dict(itl_slo_s=0.05, ttft_slo_s=1.0)
+    assert size_batched_tokens("prefill", 0, prefill_tps=None, ttft_p90_s=3.0, waiting=4,
+                               **slow) == 16384
+    assert size_batched_tokens("prefill", MAX_BATCHED_TOKENS, prefill_tps=None, ttft_p90_s=3.0,
+                               waiting=4, **slow) == MAX_BATCHED_TOKENS
+    assert size_batched_tokens("prefill", 0, prefill_tps=None, ttft_p90_s=3.0, waiting=0,
+                               **slow) == 0
+    assert size_batched_tokens("prefill", 0, prefill_tps=None, ttft_p90_s=0.5, waiting=4,
+                               **slow) == 0
+
+
+def test_a_step_budget_below_the_batch_is_refused_by_the_profile() -> None:
+    text = (config.BUILTIN_DIR / "cpu-tiny.toml").read_text().replace(
+        "[decode]\n", "[decode]\nmax_num_seqs = 64\nmax_num_batched_tokens = 32\n")
+    with pytest.raises(config.ProfileError, match="max_num_batched_tokens"):
+        config.load_text(text, "tight.toml")

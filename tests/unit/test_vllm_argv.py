@@ -222,3 +222,16 @@ def test_vllm_request_memory_accepts_both_mps_views(name: str, tmp_path: Path) -
             assert request_memory(card, cache) > 0, role
             assert request_memory(capped, cache) > 0, role
             held += cap
+
+
+@pytest.mark.parametrize("name", ["cpu-tiny", "gh200-pd"])
+def test_a_role_step_budget_reaches_vllm(parser: argparse.ArgumentParser, name: str,
+                                         tmp_path: Path) -> None:
+    """`<role>.max_num_batched_tokens` (set by the re-split loop) is read by vLLM as such."""
+    import dataclasses
+
+    p = config.load(name)
+    p = dataclasses.replace(p, decode=dataclasses.replace(p.decode, max_num_batched_tokens=1024))
+    got = check_with_vllm(parser, vllm_args(_spec(p, "decode", tmp_path).argv))
+    assert got["args"].max_num_batched_tokens == 1024
+    assert got["scheduler"].max_num_batched_tokens == 1024
