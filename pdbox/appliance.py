@@ -414,7 +414,7 @@ class Appliance:
             "version": __version__, "profile": self.profile.name,
             "mode": self.profile.mode.kind, "endpoint": self.endpoint,
             "serving": self.fleet.serving_note() if self.fleet else "",
-            "tokenizer": _tokenizer_state(self.router.tokenizer),
+            "tokenizer": self.router.tokenizer.state(),
             "uptime_s": time.monotonic() - self.started, "policy": self.router.policy,
             "workers": workers, "router": router, "autoscaler": auto, "hardware": hw,
             "events": list(self.events)[-50:],
@@ -474,11 +474,3 @@ class Appliance:
             self._log_file.close()
             self._log_file = None
 
-
-def _tokenizer_state(tok: Any) -> dict[str, Any]:
-    """What the router counts tokens with: the model's tokenizer or characters."""
-    state = getattr(tok, "state", None)
-    if callable(state):
-        return state()
-    exact = type(tok).__name__ == "PromptTokenizer"
-    return {"source": "model" if exact else "characters"}

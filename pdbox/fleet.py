@@ -27,7 +27,6 @@ from pdbox.workers.supervisor import (
     PopenLauncher,
     RealClock,
     Supervisor,
-    SupervisorError,
     SupervisorSettings,
     Worker,
 )
@@ -324,5 +323,3 @@ class Fleet:
         if self.mps is not None:
             self.mps.stop()
 
-
-__all__ = ["DEFAULT_START_S", "Fleet", "HttpProber", "SupervisorError"]

@@ -161,11 +161,11 @@ class Resplitter:
             return target
         router = self.fleet.router
         slo = self.fleet.profile.slo
+        ttft = router.metrics.ttft.percentile(0.9, time.monotonic() - 60.0)
         for role in ("decode", "prefill"):
             rc = target.role(role)
             bs = [b for b in self.fleet.registry.backends.values() if b.role == role]
             tps = [router.decider.prefill_tps(b.id) for b in bs]
-            ttft = router.metrics.ttft.percentile(0.9, time.monotonic() - 60.0)
             tokens = resplit.size_batched_tokens(
                 role, rc.max_num_batched_tokens, prefill_tps=min(tps) if tps else None,
                 itl_slo_s=slo.itl_s, ttft_p90_s=ttft, ttft_slo_s=slo.ttft_s,

@@ -17,7 +17,6 @@ import json
 import os
 import queue
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import aiohttp
 import psutil
 
 from pdbox.control_client import ControlClient, ControlError, sse_data
-from pdbox.router.metrics import sum_series
+from pdbox.router.metrics import info_label, sum_series
 
 NIXL_COUNT = "vllm:nixl_xfer_time_seconds_count"
 # Greedy tokens the P/D correctness check compares (remote P/D against the prefill worker).
@@ -432,15 +431,16 @@ class Smoke:
         """
         try:
             async with self.http.get(f"{url}/metrics") as r:
-                m = re.search(r'vllm:cache_config_info\{[^}]*block_size="(\d+)"', await r.text())
+                block_size = info_label(await r.text(), "vllm:cache_config_info", "block_size")
             async with self.http.post(f"{url}/tokenize",
                                       json={"model": model, "prompt": text}) as r:
                 ids = (await r.json(content_type=None)).get("tokens") if r.status == 200 else None
         except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError):
             return text
-        if not m or not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+        if not (block_size or "").isdigit() or not isinstance(ids, list) \
+                or not all(isinstance(i, int) for i in ids):
             return text
-        block = int(m.group(1))
+        block = int(block_size)
         whole = (len(ids) - 1) // block
         if whole < 1:
             return text

@@ -13,8 +13,11 @@ The supervisor ends such groups itself; `pdbox doctor` reports any it finds.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+import psutil
 
 PARENT_PID = "PDBOX_PARENT_PID"
 PARENT_START = "PDBOX_PARENT_START"
@@ -74,10 +77,6 @@ def find_strays(procs: Iterable[ProcInfo],
 
 def scan() -> list[ProcInfo]:
     """This machine's processes that carry a pdbox parent in their environment."""
-    import os
-
-    import psutil
-
     out = []
     me = os.getpid()
     for proc in psutil.process_iter(["pid", "ppid", "name"]):
@@ -96,8 +95,6 @@ def scan() -> list[ProcInfo]:
 
 
 def pdbox_alive(pid: int, start: float | None) -> bool:
-    import psutil
-
     try:
         p = psutil.Process(pid)
         return start is None or abs(p.create_time() - start) < 1.0

@@ -170,22 +170,40 @@ async def calibrate_words(session: aiohttp.ClientSession, url: str, model: str,
     return max(10, round(200 * target_tokens / n))
 
 
+class Bodies:
+    """The workload's two kinds of request, each with a unique prompt: a long
+    prompt of about `args.long_tokens` tokens, and a short one that streams."""
+
+    def __init__(self, model: str, words: int, rng: random.Random, args: argparse.Namespace):
+        self.model, self.words, self.rng, self.args = model, words, rng, args
+
+    @classmethod
+    async def open(cls, session: aiohttp.ClientSession, endpoint: str,
+                   args: argparse.Namespace, rng: random.Random) -> Bodies:
+        """The served model, and the prompt length that makes `args.long_tokens`."""
+        async with session.get(f"{endpoint}/models") as resp:
+            model = (await resp.json())["data"][0]["id"]
+        words = await calibrate_words(session, f"{endpoint}/completions", model, rng,
+                                      args.long_tokens)
+        return cls(model, words, rng, args)
+
+    def long(self) -> dict[str, Any]:
+        return {"model": self.model, "prompt": unique_prompt(self.rng, self.words),
+                "max_tokens": self.args.long_max_tokens, "ignore_eos": True}
+
+    def stream(self) -> dict[str, Any]:
+        return {"model": self.model,
+                "prompt": unique_prompt(self.rng, 12) + " Tell a long story.",
+                "max_tokens": self.args.stream_tokens, "ignore_eos": True, "temperature": 0.0}
+
+
 async def workload(endpoint: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     url = f"{endpoint}/completions"
     rng = random.Random(seed)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        async with session.get(f"{endpoint}/models") as resp:
-            model = (await resp.json())["data"][0]["id"]
-        words = await calibrate_words(session, url, model, rng, args.long_tokens)
-
-        def long_body() -> dict[str, Any]:
-            return {"model": model, "prompt": unique_prompt(rng, words),
-                    "max_tokens": args.long_max_tokens, "ignore_eos": True}
-
-        def stream_body() -> dict[str, Any]:
-            return {"model": model, "prompt": unique_prompt(rng, 12) + " Tell a long story.",
-                    "max_tokens": args.stream_tokens, "ignore_eos": True, "temperature": 0.0}
+        bodies = await Bodies.open(session, endpoint, args, rng)
+        long_body, stream_body = bodies.long, bodies.stream
 
         # Warm-up: every worker computes once, and the decider sees a few legs of
         # each kind (short, long alone, long under streams) before measuring.

@@ -49,15 +49,14 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_interference import (  # noqa: E402
+    Bodies,
     Req,
     _ms,
     _r,
-    calibrate_words,
     start_setup,
     stream,
 )
 
-from pdbox.bench.pd_legs import unique_prompt  # noqa: E402
 from pdbox.router.metrics import percentile as pct  # noqa: E402
 from tests.e2e.conftest import stop_group  # noqa: E402
 
@@ -75,17 +74,8 @@ async def workload(endpoint: str, args: argparse.Namespace, seed: int) -> dict[s
     url = f"{endpoint}/completions"
     rng = random.Random(seed)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
-        async with session.get(f"{endpoint}/models") as resp:
-            model = (await resp.json())["data"][0]["id"]
-        words = await calibrate_words(session, url, model, rng, args.long_tokens)
-
-        def long_body() -> dict[str, Any]:
-            return {"model": model, "prompt": unique_prompt(rng, words),
-                    "max_tokens": args.long_max_tokens, "ignore_eos": True}
-
-        def chat_body() -> dict[str, Any]:
-            return {"model": model, "prompt": unique_prompt(rng, 12) + " Tell a long story.",
-                    "max_tokens": args.stream_tokens, "ignore_eos": True, "temperature": 0.0}
+        bodies = await Bodies.open(session, endpoint, args, rng)
+        long_body, chat_body = bodies.long, bodies.stream
 
         # Warm-up: each worker computes, the decider sees legs of each kind.
         for _ in range(2):

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import psutil
+from aiohttp import web
 
 
 def process_gone(pid: int, timeout: float = 3.0) -> bool:
@@ -30,3 +31,13 @@ def sse_events(raw: bytes) -> list[Any]:
             data = block[len("data: "):]
             out.append(data if data == "[DONE]" else json.loads(data))
     return out
+
+
+async def serve_app(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve `app` on a free loopback port: (runner to clean up, base URL)."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}"

@@ -331,7 +331,7 @@ class Probes:
     home: Callable[[], Path] = paths.home
     free_disk: Callable[[Path], int] = _free_disk
     model: Callable[[], tuple[str, str, Path]] = _model_state
-    strays: Callable[[], list[Any]] = lambda: _strays()
+    strays: Callable[[], list[Any]] = _strays
 
 
 def run_checks(probes: Probes) -> list[Check]:

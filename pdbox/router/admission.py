@@ -224,7 +224,7 @@ class Admission:
 
     def _wait_for(self, ahead: int) -> float:
         """Seconds until `ahead` requests have started, counting capacity that is coming."""
-        hold = self.hold_estimate_s()
+        hold = max(self.hold_estimate_s(), 1e-3)  # a mean of instant requests is not 0 s
         now = self.clock()
         slots, t, left = float(max(1, self.max_inflight)), 0.0, float(ahead)
         for ready_at, added in self._coming:

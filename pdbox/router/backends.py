@@ -10,18 +10,16 @@ router's own in-flight count is kept here too because it is always current.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from dataclasses import dataclass, field
 
 import aiohttp
 
 from pdbox.router.engine_stats import ENGINE_HISTOGRAMS, EngineWindow, summarize
-from pdbox.router.metrics import WANTED, parse_prometheus
+from pdbox.router.metrics import WANTED, info_label, parse_prometheus
 from pdbox.router.policy import WorkerView
 
 ROUTABLE = {"ready"}
-_NUM_BLOCKS = re.compile(r'vllm:cache_config_info\{[^}]*num_gpu_blocks="(\d+)"')
 
 
 @dataclass
@@ -115,9 +113,9 @@ async def scrape_once(session: aiohttp.ClientSession, b: Backend, timeout: float
         m[f"{name}_sum"] = h.sum
         m[f"{name}_count"] = h.count
     if not b.num_blocks:
-        found = _NUM_BLOCKS.search(text)
-        if found:
-            b.num_blocks = int(found.group(1))
+        found = info_label(text, "vllm:cache_config_info", "num_gpu_blocks")
+        if found and found.isdigit():
+            b.num_blocks = int(found)
     b.metrics = m
     b.waiting = int(m.get("vllm:num_requests_waiting", 0))
     b.running = int(m.get("vllm:num_requests_running", 0))

@@ -368,6 +368,17 @@ def parse_prometheus(text: str, names: Iterable[str] = (),
     return out
 
 
+def info_label(text: str, name: str, label: str) -> str | None:
+    """A label's value on an info series (vLLM's `vllm:cache_config_info{block_size="128",…}`)."""
+    want = f'{label}="'
+    for _, lbl, _ in series(text, (name,)):
+        i = lbl.find(want)
+        if i >= 0:
+            j = i + len(want)
+            return lbl[j:lbl.find('"', j)]
+    return None
+
+
 def sum_series(text: str, name: str, **labels: str) -> float:
     """One series summed over the samples whose labels include `labels` (0 when absent)."""
     want = [f'{k}="{v}"' for k, v in labels.items()]

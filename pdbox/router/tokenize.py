@@ -137,6 +137,10 @@ class PromptTokenizer:
 
     units_per_token = 1.0  # ids are real tokens
 
+    def state(self) -> dict[str, Any]:
+        """What the router counts tokens with (`status.tokenizer`)."""
+        return {"source": "model"}
+
     def __init__(self, tokenizer: Any, chat_template: str | None, special: dict[str, str]):
         self._tok = tokenizer
         self._template_src = chat_template
@@ -248,6 +252,10 @@ class CharBlockTokenizer:
     @property
     def has_chat_template(self) -> bool:
         return False
+
+    def state(self) -> dict[str, Any]:
+        """What the router counts tokens with (`status.tokenizer`)."""
+        return {"source": "characters"}
 
     def render_chat(self, messages: Sequence[Message], **extra: Any) -> str:
         # Tools are part of the real prompt, so they are part of this stand-in too.

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from pdbox import runfolder
 from pdbox.control_client import NOT_RUNNING, ControlClient, ControlError, error_message
+from tests.helpers import serve_app
 
 TOKEN = "s3cret"
 
@@ -87,15 +88,6 @@ class FakeControl:
         return web.json_response({"ok": True})
 
 
-async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}"
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,7 +97,7 @@ def free_port() -> int:
 @pytest.mark.anyio
 async def test_routes_send_the_contract_bodies() -> None:
     fake = FakeControl()
-    runner, url = await serve(fake.app)
+    runner, url = await serve_app(fake.app)
     client = ControlClient(url, TOKEN)
     try:
         snap = await client.status()
@@ -133,7 +125,7 @@ async def test_routes_send_the_contract_bodies() -> None:
 
 @pytest.mark.anyio
 async def test_server_error_message_is_passed_through() -> None:
-    runner, url = await serve(FakeControl().app)
+    runner, url = await serve_app(FakeControl().app)
     client = ControlClient(url, TOKEN)
     try:
         with pytest.raises(ControlError) as err:
@@ -151,7 +143,7 @@ async def test_server_error_message_is_passed_through() -> None:
 
 @pytest.mark.anyio
 async def test_events_stream_decodes_sse() -> None:
-    runner, url = await serve(FakeControl().app)
+    runner, url = await serve_app(FakeControl().app)
     client = ControlClient(url, TOKEN)
     try:
         got = [e["message"] async for e in client.events()]
@@ -172,7 +164,7 @@ def test_sync_facade_runs_on_fresh_loops() -> None:
     """Each sync call gets its own loop and session; the client stays usable between them."""
 
     async def start() -> tuple[web.AppRunner, str]:
-        return await serve(FakeControl().app)
+        return await serve_app(FakeControl().app)
 
     loop = asyncio.new_event_loop()
     runner, url = loop.run_until_complete(start())

@@ -200,7 +200,7 @@ def test_pdbox_up_uses_the_hub_tokenizer_and_says_so(cache: Path, tmp_path: Path
     import dataclasses
 
     from pdbox import config
-    from pdbox.appliance import Appliance, _tokenizer_state
+    from pdbox.appliance import Appliance
 
     base = config.load("gh200-pd")
     profile = dataclasses.replace(base, model=dataclasses.replace(base.model, source=REPO))
@@ -209,9 +209,9 @@ def test_pdbox_up_uses_the_hub_tokenizer_and_says_so(cache: Path, tmp_path: Path
     assert app.model_path == REPO
     assert any(e["kind"] == "router" and "routing by characters" in e["message"]
                for e in app.events)
-    assert _tokenizer_state(tok)["source"] == "characters"
+    assert tok.state()["source"] == "characters"
     lay_out_snapshot(cache)
     tok.refresh()
-    assert _tokenizer_state(tok) == {"source": "model", "model": REPO,
+    assert tok.state() == {"source": "model", "model": REPO,
                                      "detail": tok.detail}
     assert list(tok.encode_prompt("hello world")) == [1, 2]

@@ -26,6 +26,7 @@ from pdbox import smoke as sm
 from pdbox.commands import smoke as cmd
 from pdbox.control_client import ControlClient
 from pdbox.devtools.mock_openai import MockServer
+from tests.helpers import serve_app
 
 RESULTS = [
     sm.CheckResult("health", True, "GET /health 200", 0.01),
@@ -201,12 +202,7 @@ class FakePdbox:
         self.app = app
 
     async def __aenter__(self) -> FakePdbox:
-        self.runner = web.AppRunner(self.app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self.runner, self.url = await serve_app(self.app)
         role = "decode" if self.mode == "pd" else "aggregated"
         self.role = role
         self.workers[f"{role}-0"] = {"id": f"{role}-0", "role": role, "state": "ready",

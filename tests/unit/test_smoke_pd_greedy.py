@@ -14,6 +14,7 @@ from aiohttp import web
 
 from pdbox import smoke as sm
 from pdbox.control_client import ControlClient
+from tests.helpers import serve_app
 
 
 class FakeBox:
@@ -34,12 +35,7 @@ class FakeBox:
         self.url = ""
 
     async def __aenter__(self) -> FakeBox:
-        self.runner = web.AppRunner(self.app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self.runner, self.url = await serve_app(self.app)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

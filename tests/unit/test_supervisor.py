@@ -254,13 +254,19 @@ def test_a_ready_worker_that_dies_is_restarted_after_backoff(rig: Rig) -> None:
     assert w.state == "ready" and w.restarts == 1
 
 
-def test_a_dead_main_process_has_its_group_ended_before_the_replacement(rig: Rig) -> None:
-    """The crash case: the engine core outlives its main process and ignores SIGTERM."""
+def crash(rig: Rig, code: int, ignore_term: bool) -> tuple[Worker, FakeProc]:
+    """A ready worker whose main process dies, leaving its engine core in the group."""
     w = rig.ready()
     old = rig.launcher.last("decode-0")
-    old.orphans = old.orphans_ignore_term = True
-    old.exit(-9)
+    old.orphans, old.orphans_ignore_term = True, ignore_term
+    old.exit(code)
     rig.tick()
+    return w, old
+
+
+def test_a_dead_main_process_has_its_group_ended_before_the_replacement(rig: Rig) -> None:
+    """The crash case: the engine core outlives its main process and ignores SIGTERM."""
+    w, old = crash(rig, -9, ignore_term=True)
     assert old.signals == [signal.SIGTERM]
     assert w.state == "restarting" and w.leftover is old
     assert rig.sup.pgids() == [old.pid]
@@ -280,11 +286,7 @@ def test_a_dead_main_process_has_its_group_ended_before_the_replacement(rig: Rig
 
 
 def test_a_dead_main_process_whose_group_stops_on_sigterm(rig: Rig) -> None:
-    w = rig.ready()
-    old = rig.launcher.last("decode-0")
-    old.orphans = True
-    old.exit(1)
-    rig.tick()
+    w, old = crash(rig, 1, ignore_term=False)
     assert old.signals == [signal.SIGTERM] and w.state == "restarting"
     rig.clock.advance(1)
     rig.tick()
@@ -293,11 +295,7 @@ def test_a_dead_main_process_whose_group_stops_on_sigterm(rig: Rig) -> None:
 
 
 def test_stop_all_also_ends_a_dead_main_process_group(rig: Rig) -> None:
-    w = rig.ready()
-    old = rig.launcher.last("decode-0")
-    old.orphans = old.orphans_ignore_term = True
-    old.exit(-9)
-    rig.tick()
+    w, old = crash(rig, -9, ignore_term=True)
     asyncio.run(rig.sup.stop_all())
     assert signal.SIGKILL in old.signals and not old.group_alive()
     assert w.leftover is None and w.state == "stopped"
