@@ -596,6 +596,15 @@ def test_popen_launcher_starts_its_own_group_and_logs_privately(tmp_path: Path) 
     proc.signal_group(signal.SIGTERM)  # a group that is gone is no error
 
 
+def _leader_and_child(w: Worker) -> tuple[int, int]:
+    """The worker's main pid, and its child's pid once the main process has logged it."""
+    assert w.pid is not None
+    deadline = time.monotonic() + 5
+    while not w.log_path.read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return w.pid, int(w.log_path.read_text().split()[0])
+
+
 def test_real_crash_leaves_nothing_of_the_old_group(tmp_path: Path) -> None:
     """SIGKILL of the main process only: its child ignores SIGTERM, like vLLM's engine core.
     The supervisor ends the old group before the replacement starts."""
@@ -608,12 +617,7 @@ def test_real_crash_leaves_nothing_of_the_old_group(tmp_path: Path) -> None:
                      log_dir=tmp_path, settings=SupervisorSettings(
                          stop_grace_s=0.5, backoff_base_s=0.1))
     w = sup.add(_real_spec([sys.executable, "-c", script]))
-    leader = w.pid
-    assert leader is not None
-    deadline = time.monotonic() + 5
-    while not w.log_path.read_text().strip() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    child = int(w.log_path.read_text().split()[0])
+    leader, child = _leader_and_child(w)
     os.kill(leader, signal.SIGKILL)
 
     async def until_replaced() -> None:
@@ -634,12 +638,7 @@ def test_real_stop_reaches_children_and_stubborn_leaders(tmp_path: Path) -> None
     sup = Supervisor(launcher=PopenLauncher(), prober=FakeProber(), clock=RealClock(),
                      log_dir=tmp_path, settings=SupervisorSettings(stop_grace_s=0.5))
     w = sup.add(_real_spec([sys.executable, "-c", script]))
-    leader = w.pid
-    assert leader is not None
-    deadline = time.monotonic() + 5
-    while not w.log_path.read_text().strip() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    child = int(w.log_path.read_text().split()[0])
+    leader, child = _leader_and_child(w)
     t0 = time.monotonic()
     asyncio.run(sup.stop_all())
     assert 0.4 < time.monotonic() - t0 < 3
