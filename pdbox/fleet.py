@@ -10,6 +10,8 @@ KV-event subscriptions are `KvSubscribers`'.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +21,7 @@ import aiohttp
 
 from pdbox.config import Profile
 from pdbox.kv_subscribers import KvSubscribers
-from pdbox.ports import PortAllocator
+from pdbox.ports import PortAllocator, PortTaken
 from pdbox.router.app import Router
 from pdbox.router.backends import Registry
 from pdbox.workers import vllm as vllm_spec
@@ -89,7 +91,9 @@ class Fleet:
         self.event = event
         self.on_change = on_change  # the worker list changed: rewrite the run state
         self.gpu = gpu
-        self.ports = PortAllocator()
+        self.ports = PortAllocator(reserved={profile.router.port})
+        # Per worker: its spec built again with other ports (see _fresh_ports).
+        self._builders: dict[str, Callable[..., vllm_spec.WorkerSpec]] = {}
         self.kv = KvSubscribers(router, event)
         self.supervisor: Supervisor | None = None
         self.mps: Any = None
@@ -133,7 +137,7 @@ class Fleet:
         self.supervisor = Supervisor(
             launcher=PopenLauncher(), prober=HttpProber(p.model.served_name), clock=RealClock(),
             log_dir=self.run_dir / "logs", settings=settings, on_event=self.event,
-            on_state=self._on_worker_state)
+            on_state=self._on_worker_state, respec=self._fresh_ports)
         for role, rc in p.roles().items():
             for _ in range(rc.replicas):
                 self.add_worker(role)
@@ -189,12 +193,39 @@ class Fleet:
                 if total else None
             mps_env = client_env(self.mps.env(), rc.sm_percent, limit,
                                  self.profile.hardware.gpu_index)
-        spec = vllm_spec.build(self.live_profile, role, index, ports, self.model_path,
-                               online_cores=self.online, mps_env=mps_env,
-                               cores=self._place(role))
-        w = self.supervisor.add(spec)
+        build = functools.partial(vllm_spec.build, self.live_profile, role, index,
+                                  model_path=self.model_path, online_cores=self.online,
+                                  mps_env=mps_env, cores=self._place(role))
+        self._builders[vllm_spec.worker_id(role, index)] = build
+        w = self.supervisor.add(build(ports=ports))
         self.kv.start(w)
         return w
+
+    def _fresh_ports(self, spec: vllm_spec.WorkerSpec) -> vllm_spec.WorkerSpec:
+        """The spec a worker starts or restarts with: a port of its own that
+        something else took since it was handed out is swapped for a fresh
+        one, and argv and env are built again around it.
+
+        The KV-events port stays: pdbox's own subscriber binds that one
+        (vLLM connects to it), so it is held on purpose across restarts.
+        """
+        old = spec.ports
+        try:
+            new = dataclasses.replace(
+                old, http=self.ports.keep_or_replace(old.http),
+                side_channel=self.ports.keep_or_replace(old.side_channel))
+        except PortTaken as exc:
+            # The start fails on the taken port, and is retried with backoff.
+            self.event("error", f"{spec.id}: {exc}")
+            return spec
+        build = self._builders.get(spec.id)
+        if new == old or build is None:
+            return spec
+        moved = ", ".join(f"{what} {a} -> {b}" for what, a, b in (
+            ("port", old.http, new.http), ("NIXL side channel", old.side_channel,
+                                           new.side_channel)) if a != b)
+        self.event("worker", f"{spec.id}: {moved} (something else took the old one)")
+        return build(ports=new)
 
     def _place(self, role: str) -> str | None:
         """The free core set of the role (CPU); workers draining away do not count."""
@@ -294,6 +325,7 @@ class Fleet:
         self.router.forget_worker(wid)
         self.router.capacity_changed(self.capacity_coming())
         self.drains.pop(wid, None)
+        self._builders.pop(wid, None)
         self.on_change()
 
     # --------------------------------------------------------------- re-split

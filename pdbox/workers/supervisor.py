@@ -208,6 +208,10 @@ class Supervisor:
     settings: SupervisorSettings = field(default_factory=SupervisorSettings)
     on_event: Event = lambda kind, msg: None
     on_state: Callable[[Worker], None] = lambda w: None
+    # Called right before every start and restart: the spec to start with.
+    # The fleet swaps ports that something else took since they were handed
+    # out (a GPU worker may wait minutes for its turn to start).
+    respec: Callable[[WorkerSpec], WorkerSpec] = lambda spec: spec
     workers: dict[str, Worker] = field(default_factory=dict)
     fatal: str | None = None
     _recent: deque[str] = field(default_factory=lambda: deque(maxlen=200))
@@ -232,6 +236,7 @@ class Supervisor:
         )
 
     def _spawn(self, w: Worker) -> None:
+        w.spec = self.respec(w.spec)
         w.generation += 1
         w.started_at = self.clock.now()
         w.exit_code = None
