@@ -17,7 +17,10 @@ from pdbox.plan.memory import GIB, gib
 @click.option("--profile", "profile_name", metavar="NAME|FILE",
               help="Built-in profile name or a profile file (default: as `pdbox up` picks).")
 @click.option("--model", "model", metavar="DIR|ID",
-              help="Plan for this model folder or hub id instead of the profile's.")
+              help="Plan for this model folder or hub id instead of the profile's. It is "
+                   "served as the folder's name or the last part of the hub id, lowercased "
+                   "(a hub-cache snapshot folder: its repository's name); the profile's "
+                   "served_name stays only when DIR|ID is the profile's own model.")
 @click.option("--gpu-memory-gib", type=click.FloatRange(min=1, max=4096), default=None,
               help="The GPU's memory, when planning for a card that is not here "
                    "(default: NVML, else the card the profile names).")
@@ -27,7 +30,9 @@ def plan(profile_name: str | None, model: str | None, gpu_memory_gib: float | No
     """Show each worker's slice, vLLM argv and env, and its memory ledger.
 
     Exits 1, with one sentence, when the profile cannot fit; `pdbox up`
-    refuses the same way.
+    refuses the same way. With no config.json of a built-in GPU profile's
+    model at hand (no Hugging Face cache, no network), the plan uses the facts
+    pdbox ships for it, and says so.
     """
     from pdbox.commands.up import choose_profile
     from pdbox.plan.make import make_plan
@@ -54,12 +59,14 @@ def plan(profile_name: str | None, model: str | None, gpu_memory_gib: float | No
 
 
 def render(p: Plan) -> str:
-    lines = [f"profile {p.profile}: {p.device}, {p.sharing}; model {p.model}"]
+    lines = [f"profile {p.profile}: {p.device}, {p.sharing}; model {p.model}"
+             + (f", served as {p.served_name}" if p.served_name else "")]
     if p.facts:
         f = p.facts
         lines.append(
             f"  {f.name}: {f.num_layers} layers, {f.num_kv_heads} KV heads x {f.head_dim}, "
-            f"{f.dtype}; weights {gib(f.weights_bytes)} (from {f.weights_from}), "
+            f"{f.dtype}; weights {gib(f.weights_bytes)} (from {f.weights_from}"
+            f"{', built-in table' if f.facts_from else ''}), "
             f"KV {f.kv_bytes_per_token()} bytes/token")
     if p.gpu_total_bytes:
         lines.append(f"  GPU memory {gib(p.gpu_total_bytes)} ({p.gpu_total_from})")

@@ -64,6 +64,7 @@ class Plan:
     gpu_total_bytes: int | None
     gpu_total_from: str
     offload_bytes: int
+    served_name: str = ""  # the name clients ask for (vLLM --served-model-name)
     workers: list[WorkerPlan] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -77,6 +78,7 @@ class Plan:
             "device": self.device,
             "sharing": self.sharing,
             "model": self.model,
+            "served_name": self.served_name,
             "model_facts": self.facts.to_dict() if self.facts else None,
             "gpu_total_bytes": self.gpu_total_bytes,
             "gpu_total_from": self.gpu_total_from,
@@ -114,7 +116,7 @@ def build_plan(
                           if gpu_total_bytes else "")
     plan = Plan(p.name, p.hardware.device, p.hardware.sharing, model_arg, facts,
                 gpu_total_bytes if cuda else None, gpu_total_from if cuda else "",
-                vllm_spec.offload_bytes(p) if cuda else 0)
+                vllm_spec.offload_bytes(p) if cuda else 0, p.model.served_name)
     if cuda and gpu_total_bytes is None:
         plan.problems.append(
             f"{p.name}: the GPU's memory is unknown (no GPU seen through NVML and "

@@ -54,6 +54,9 @@ class ModelFacts:
     weights_from: str
     # The longest sequence the model was trained for; 0: unknown.
     max_position_embeddings: int = 0
+    # Where the facts come from when not the model's own config.json ("":
+    # its config.json), e.g. pdbox's table of the built-in profiles' models.
+    facts_from: str = ""
 
     @property
     def dtype_bytes(self) -> int:

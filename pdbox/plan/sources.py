@@ -3,7 +3,8 @@
 - a local folder: its own config.json (and safetensors, for exact weights);
 - a hub id: the snapshot in the local Hugging Face cache; `fetch=True` (what
   `pdbox up` does, as its workers are about to download the model anyway)
-  downloads config.json alone when it is not there yet;
+  downloads config.json alone when it is not there yet; failing both, the
+  facts pdbox ships for the built-in profiles' models (`known_models`);
 - the embedded model: its converted folder once it exists, else the facts
   pdbox ships for it (the model is fixed, so they cannot drift).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pdbox.plan.known_models import known_facts
 from pdbox.plan.model_facts import FactsError, ModelFacts, facts_from_config, load_facts
 from pdbox.workers import hub_cache
 
@@ -48,12 +50,15 @@ def facts_for_source(source: str, *, dtype: str | None = None, fetch: bool = Fal
         snap = hub_cache.find_snapshot(source, ("config.json",), cache_dir=cache_dir)
         if snap is None and fetch:
             snap = _fetch_config(source, cache_dir)
-        if snap is None:
-            raise FactsError(
-                f"config.json of {source} is not in the local Hugging Face cache "
-                f"({hub_cache.hub_cache_dir()}); download it with "
-                f"`hf download {source} config.json`, or give a model folder with --model")
-        return load_facts(snap, source, dtype)
+        if snap is not None:
+            return load_facts(snap, source, dtype)
+        known = known_facts(source, dtype)
+        if known is not None:
+            return known
+        raise FactsError(
+            f"config.json of {source} is not in the local Hugging Face cache "
+            f"({hub_cache.hub_cache_dir()}) and pdbox has no built-in facts for it; download "
+            f"it with `hf download {source} config.json`, or give a model folder with --model")
     raise FactsError(f"{source!r} is neither embedded:NAME, a folder nor a hub id like org/name")
 
 

@@ -18,6 +18,8 @@ from pdbox import config
 from pdbox.cli import main
 from pdbox.hardware.mps import MEMORY_BUDGET, mem_limit_bytes
 from pdbox.plan.build import build_plan
+from pdbox.plan.known_models import KNOWN_MODELS, known_facts, known_model
+from pdbox.plan.make import derived_served_name
 from pdbox.plan.memory import GIB, KNOWN_GPU_MEMORY, MIB, cap_bytes
 from pdbox.plan.model_facts import FactsError, facts_from_config, load_facts, parameter_count
 from pdbox.plan.sources import EMBEDDED_CONFIGS, facts_for_source
@@ -28,6 +30,10 @@ GPU_PROFILES = ("gh200-pd", "h100-pd", "gpu-aggregated")
 # gpu-aggregated names no card: plan it on a GH200's memory.
 CARD = {"gh200-pd": KNOWN_GPU_MEMORY["GH200"], "h100-pd": KNOWN_GPU_MEMORY["H100"],
         "gpu-aggregated": KNOWN_GPU_MEMORY["GH200"]}
+
+
+# The default model of the built-in GPU profiles.
+QWEN = "Qwen/Qwen2.5-7B-Instruct"
 
 
 def _cfg(name: str) -> dict:
@@ -233,11 +239,31 @@ def test_up_refuses_the_same_way_before_starting_anything(tmp_path: Path,
     assert up.stderr.strip() == plan.stderr.strip()
 
 
-def test_up_refuses_a_gpu_profile_whose_model_facts_are_missing() -> None:
-    res = CliRunner().invoke(main, ["up", "--profile", "gh200-pd", "--headless"])
+def test_up_refuses_a_gpu_profile_whose_model_facts_are_missing(tmp_path: Path) -> None:
+    text = (config.BUILTIN_DIR / "gh200-pd.toml").read_text().replace(
+        'source = "Qwen/Qwen2.5-7B-Instruct"', 'source = "some-org/unknown-7b"')
+    (tmp_path / "unknown.toml").write_text(text)
+    res = CliRunner().invoke(main, ["up", "--profile", str(tmp_path / "unknown.toml"),
+                                    "--headless"])
     assert res.exit_code == 1
-    assert "config.json of Qwen/Qwen2.5-7B-Instruct is not in the local Hugging Face cache" \
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert "config.json of some-org/unknown-7b is not in the local Hugging Face cache" \
         in res.stderr
+
+
+def test_up_with_no_hub_cache_gets_past_the_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pdbox.commands import up
+
+    started: list[str] = []
+
+    async def no_start(profile: config.Profile, *_a: object) -> int:
+        started.append(profile.name)
+        return 0
+
+    monkeypatch.setattr(up, "_run_headless", no_start)
+    res = CliRunner().invoke(main, ["up", "--profile", "gh200-pd", "--headless"])
+    assert res.exit_code == 0, res.stderr
+    assert started == ["gh200-pd"]
 
 
 def test_plan_with_an_unknown_card_asks_for_its_size() -> None:
@@ -295,3 +321,120 @@ def test_offload_shows_in_the_plan_and_the_export(tmp_path: Path) -> None:
         offload = kv["kv_connector_extra_config"]["connectors"][1]
         assert offload["kv_connector_extra_config"]["cpu_bytes_to_use"] == 64 * GIB
         assert c["resources"]["requests"]["memory"] == "64Gi"
+
+
+# ---------------------------------------------------- a box you do not have
+
+
+def test_every_builtin_gpu_profile_model_has_built_in_facts() -> None:
+    for name in GPU_PROFILES:
+        source = config.load(name).model.source
+        assert known_model(source) is not None, f"{name}: {source} has no built-in facts"
+
+
+def test_built_in_facts_equal_the_published_config_and_index() -> None:
+    built_in = known_facts(QWEN)
+    published = load_facts(FIXTURES / MODELS[0], QWEN)
+    assert built_in is not None
+    # The safetensors index's total_size and the parameter count agree, in bf16.
+    assert KNOWN_MODELS[QWEN].weights_bytes == parameter_count(_cfg(MODELS[0])) * 2 \
+        == 15_231_233_024
+    differ = {"weights_from", "facts_from"}
+    assert {k: v for k, v in built_in.to_dict().items() if k not in differ} == \
+        {k: v for k, v in published.to_dict().items() if k not in differ}
+    assert built_in.facts_from.startswith("pdbox's built-in table")
+    assert published.facts_from == ""
+    assert known_facts("qwen/qwen2.5-7b-instruct") == built_in  # the hub ignores case
+    assert known_facts("Qwen/Qwen2.5-72B-Instruct") is None
+
+
+@pytest.mark.parametrize("name", ["gh200-pd", "h100-pd"])
+def test_plan_with_an_empty_hub_cache_and_no_network_is_whole(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    res = CliRunner().invoke(main, ["plan", "--profile", name])
+    assert res.exit_code == 0, res.stderr
+    assert "fits" in res.output and "built-in table" in res.output
+    assert "KV tokens" in res.output and "--kv-cache-memory-bytes" in res.output
+    data = json.loads(CliRunner().invoke(main, ["plan", "--profile", name, "--json"]).output)
+    assert data["fits"] and data["served_name"] == "qwen2.5-7b"
+    assert data["model_facts"]["facts_from"].startswith("pdbox's built-in table")
+    assert any("built-in table" in n for n in data["notes"])
+    assert all(w["memory"]["kv_tokens"] >= 16384 for w in data["workers"])
+
+
+def _cache_with(tmp_path: Path, repo: str, cfg: dict) -> Path:
+    """A hub cache holding `repo`'s config.json, laid out as huggingface_hub does."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = tmp_path / "hub" / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    snap = folder / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps(cfg))
+    return snap
+
+
+def test_a_real_cache_wins_over_the_built_in_table(tmp_path: Path) -> None:
+    _cache_with(tmp_path, QWEN, {**_cfg(MODELS[0]), "num_hidden_layers": 20})
+    res = CliRunner().invoke(main, ["plan", "--profile", "gh200-pd", "--json"])
+    assert res.exit_code == 0, res.stderr
+    data = json.loads(res.output)
+    assert data["model_facts"]["num_layers"] == 20
+    assert data["model_facts"]["facts_from"] == ""
+    assert not any("built-in table" in n for n in data["notes"])
+
+
+def test_an_unknown_hub_id_with_no_cache_is_one_sentence() -> None:
+    res = CliRunner().invoke(main, ["plan", "--profile", "gh200-pd", "--model",
+                                    "some-org/unknown-7b"])
+    assert res.exit_code == 1
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("pdbox: gh200-pd: cannot plan GPU memory: config.json of "
+                                 "some-org/unknown-7b is not in the local Hugging Face cache")
+    assert "no built-in facts" in res.stderr
+
+
+# ------------------------------------------------------------ served name
+
+
+def _served(args: list[str]) -> str:
+    res = CliRunner().invoke(main, ["plan", *args, "--json"])
+    assert res.exit_code == 0, res.stderr
+    data = json.loads(res.output)
+    for w in data["workers"]:
+        assert w["argv"][w["argv"].index("--served-model-name") + 1] == data["served_name"]
+    return data["served_name"]
+
+
+def test_another_model_is_served_under_its_own_name(tmp_path: Path) -> None:
+    assert _served(["--profile", "gh200-pd"]) == "qwen2.5-7b"
+    # The profile's own model, however it is spelt: the profile's name.
+    assert _served(["--profile", "gh200-pd", "--model", QWEN]) == "qwen2.5-7b"
+    assert _served(["--profile", "gh200-pd", "--model", QWEN.lower()]) == "qwen2.5-7b"
+    # Another folder or hub id: named after it.
+    assert _served(["--profile", "gh200-pd", "--model", str(FIXTURES / MODELS[1])]) \
+        == "llama-3.1-8b-instruct"
+    assert _served(["--profile", "cpu-tiny", "--model", "Some-Org/My-Model"]) == "my-model"
+    snap = _cache_with(tmp_path, "Some-Org/Other-LM", _cfg(MODELS[2]))
+    assert _served(["--profile", "cpu-tiny", "--model", str(snap)]) == "other-lm"
+
+
+def test_a_profile_file_keeps_the_name_it_set_for_its_model(tmp_path: Path) -> None:
+    assert _served(["--profile", str(_tight(tmp_path, 0.25))]) == "qwen2.5-7b"
+    assert _served(["--profile", str(_tight(tmp_path, 0.25)), "--model",
+                    str(FIXTURES / MODELS[0])]) == "qwen2.5-7b"
+
+
+@pytest.mark.parametrize(("source", "name"), [
+    ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b-instruct"),
+    ("embedded:smollm2-135m-instruct", "smollm2-135m-instruct"),
+    ("/models/My Model (v2)/", "my-model-v2"),
+    ("/models/models--Org--Name/snapshots/0123abc", "name"),
+    ("/", "model"),
+])
+def test_derived_served_names_are_valid_names(source: str, name: str) -> None:
+    assert derived_served_name(source) == name
+    text = (config.BUILTIN_DIR / "cpu-tiny.toml").read_text().replace(
+        'served_name = "smollm2"', f'served_name = "{name}"')
+    assert config.load_text(text, "p.toml").model.served_name == name
