@@ -25,6 +25,7 @@ from pdbox import __version__, control_api, runstate
 from pdbox.autoscaler import Autoscaler, HardwareBudget, RoleMetrics
 from pdbox.config import Profile
 from pdbox.fleet import Fleet
+from pdbox.hardware.dtype import resolve as resolve_dtype
 from pdbox.ports import check_free
 from pdbox.router.app import Router
 from pdbox.router.backends import Registry, scrape_loop
@@ -56,7 +57,10 @@ class Appliance:
         stop_grace_s: float = 30.0,
         echo_events: bool = False,
     ) -> None:
-        self.profile = profile
+        # The dtype is settled once, here, from the profile as loaded, so the
+        # reason still says whether the profile or the CPU chose it.
+        self.profile, self.dtype_choice = resolve_dtype(profile)
+        profile = self.profile
         self.run_dir = run_dir
         self.host = host or profile.router.host
         self.port = profile.router.port if port is None else port
@@ -131,6 +135,7 @@ class Appliance:
         except PortTaken as exc:
             raise StartError(str(exc)) from None
         self._hardware_init()
+        self._announce_dtype()
         tokenizer = await self._prepare_model()
         self.router = Router(self.profile, self.registry, tokenizer, self.served_names,
                              events=self.event)
@@ -153,6 +158,16 @@ class Appliance:
         note = self.fleet.serving_note() if self.fleet else ""
         self.event("pdbox", f"serving {self.endpoint} ({self.profile.name})"
                    + (f" ({note})" if note else ""))
+
+    def _announce_dtype(self) -> None:
+        c = self.dtype_choice
+        line = f"dtype {c.dtype}" + (f" (profile: {c.requested})" if c.requested != c.dtype
+                                     else "") + f": {c.reason}"
+        self.on_progress(line)
+        self.event("pdbox", line)
+        if c.warning:
+            self.on_progress(f"warning: {c.warning}")
+            self.event("error", c.warning)
 
     def _hardware_init(self) -> None:
         from pdbox.hardware.cpu import CpuTelemetry
@@ -410,6 +425,8 @@ class Appliance:
         mps = self.fleet.mps if self.fleet else None
         hw = hardware_snapshot(self.gpu, mps.state() if mps else None, self.cpu) \
             if self.gpu is not None else {}
+        hw["dtype"] = self.dtype_choice.to_dict()
+        hw["calibration"] = router.get("calibration", {})
         return {
             "version": __version__, "profile": self.profile.name,
             "mode": self.profile.mode.kind, "endpoint": self.endpoint,

@@ -49,7 +49,9 @@ class ModelConfig:
     max_model_len: int = 4096
     # KV block size of the engine. The CPU backend uses 128; CUDA vLLM uses 16.
     block_size: int = 128
-    dtype: str = "bfloat16"
+    # "auto": bf16 where the CPU does it in hardware, else float32; on a GPU,
+    # vLLM's choice (pdbox/hardware/dtype.py). An explicit dtype wins.
+    dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,9 @@ class EngineConfig:
     max_start_failures: int = 3
     # A ready worker whose /health fails this long is taken for hung and restarted.
     health_timeout_s: float = 15.0
+    # Time each new worker's prefill and decode (a few seconds) before it is ready,
+    # to seed the router with this machine's speeds (pdbox/calibration.py).
+    calibrate: bool = True
 
 
 @dataclass(frozen=True)

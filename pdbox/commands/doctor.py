@@ -200,6 +200,18 @@ def check_model(state: str, detail: str, folder: Path) -> Check:
     return Check("model", FAIL, f"{name} cannot be prepared: {detail}", SETUP_HINT)
 
 
+def check_dtype(choice: Any, cpu: Any, device: str) -> Check:
+    """The dtype the default profile will run in, and why; a warning when an
+    explicit dtype will be slow on this CPU."""
+    flags = ", ".join(cpu.simd_flags) or "no SIMD flags read"
+    where = "GPU" if device == "cuda" else f"{cpu.model} ({flags})"
+    detail = f"{choice.dtype} on {where}: {choice.reason}"
+    if choice.warning:
+        return Check("dtype", WARN, f"{choice.dtype}: {choice.warning}",
+                     'model.dtype = "auto" in the profile')
+    return Check("dtype", OK, detail)
+
+
 # --------------------------------------------------------------------- the probes
 
 _NIXL_CODE = r"""
@@ -317,6 +329,25 @@ def _strays() -> list[Any]:
     return find_strays(scan(), pdbox_alive)
 
 
+def _cpu() -> Any:
+    from pdbox.hardware.cpuinfo import this_cpu
+
+    return this_cpu()
+
+
+def _dtype_check(gpu_names: list[str], cpu: Any) -> Check:
+    """The dtype of the profile `pdbox up` would pick here."""
+    from pdbox import config
+    from pdbox.hardware.dtype import choose_dtype
+
+    try:
+        profile = config.load(config.default_profile_name(gpu_names[0] if gpu_names else None))
+    except config.ProfileError as exc:  # pragma: no cover - the built-ins load
+        return Check("dtype", WARN, f"the default profile does not load: {exc}")
+    choice = choose_dtype(profile.model.dtype, profile.hardware.device, cpu)
+    return check_dtype(choice, cpu, profile.hardware.device)
+
+
 @dataclass
 class Probes:
     """Where each check's inputs come from. Tests pass their own."""
@@ -332,6 +363,7 @@ class Probes:
     free_disk: Callable[[Path], int] = _free_disk
     model: Callable[[], tuple[str, str, Path]] = _model_state
     strays: Callable[[], list[Any]] = _strays
+    cpu: Callable[[], Any] = _cpu
 
 
 def run_checks(probes: Probes) -> list[Check]:
@@ -348,6 +380,7 @@ def run_checks(probes: Probes) -> list[Check]:
         check_memory(probes.available_memory()),
         check_disk(home, probes.free_disk(home)),
         check_model(state, detail, folder),
+        _dtype_check(names, probes.cpu()),
         check_strays(probes.strays()),
     ]
 

@@ -144,6 +144,7 @@ def book_shared(profile: Profile, led: Ledger) -> None:
         "livenessProbe failureThreshold x periodSeconds (10 s)",
         _liveness_failures(profile),
     )
+    led.ignore("engine.calibrate", "pdbox's own warm-up timing; the router there learns live")
     led.warn(
         "engine.max_start_failures",
         f"pdbox gives up after {e.max_start_failures} failed starts; Kubernetes restarts "

@@ -213,6 +213,12 @@ class Admission:
         """Workers that are starting: (absolute time expected ready, slots each adds)."""
         self._coming = sorted(coming)
 
+    def seed_hold(self, seconds: float) -> None:
+        """A measured guess of a slot's hold (warm-up calibration), while no
+        request has been released yet to teach the running mean."""
+        if seconds > 0 and self.admitted == 0:
+            self._hold_s = seconds
+
     def hold_estimate_s(self) -> float:
         """How long a slot is held: the running mean, or longer while the requests
         holding slots now are already older than that."""

@@ -10,6 +10,7 @@ policy.py as pure code; this module is the I/O around it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import time
@@ -21,6 +22,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from pdbox.calibration import Calibration
 from pdbox.config import Profile, parse_core_set
 from pdbox.router import openai_errors as oe
 from pdbox.router.admission import Admission, QueueFull
@@ -38,6 +40,7 @@ from pdbox.router.sse_meter import SseMeter, wants_usage, with_usage
 from pdbox.router.tokenize import template_kwargs
 
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+CALIBRATION_OUTPUT_TOKENS = 64
 BATCH_VLLM_PRIORITY = 10  # vLLM: lower value is served first
 
 
@@ -110,6 +113,9 @@ class Router:
                                  Settings(stall_s=stall_timeout_s(profile.slo.itl_s)),
                                  roles=self.serving_roles)
         self.decisions: deque[Decision] = deque(maxlen=50)
+        # Warm-up calibration per slice key (pdbox/calibration.py): measured
+        # speeds that seed the decider, admission and soft roles.
+        self.calibration: dict[str, Calibration] = {}
         self._xfer_seen: dict[tuple[str, ...], tuple[float, ...]] = {}
         # worker -> (sum, count) of its engine prefill time when last learnt from
         self._prefill_seen: dict[str, tuple[float, float]] = {}
@@ -361,6 +367,23 @@ class Router:
         ok, note = self.soft.eligible([b.view() for b in pre], uncached, n_dec,
                                       time.monotonic())
         return [b for b in cands if b.role != "prefill" or b.id in ok], note
+
+    def seed_calibration(self, role: str, cal: Calibration, key: str = "") -> None:
+        """Seed what the router learns about a role's slice from measured speeds."""
+        self.calibration[key or self._slice_key(role)] = cal
+        self.decider.seed(self._slice_key(role), cal.prefill_tps, cal.step_at(1))
+        slots = self.admission.max_inflight
+        # A slot is held for a request's prefill and its tokens: a gate-sized
+        # prompt and CALIBRATION_OUTPUT_TOKENS at a full worker's step, until
+        # released requests teach the mean.
+        self.admission.seed_hold(cal.request_s(self.profile.router.pd_min_uncached_tokens,
+                                               CALIBRATION_OUTPUT_TOKENS, slots))
+        if role == "prefill" and self.soft.settings.enabled:
+            # Whole requests on the prefill worker stop where its step would
+            # pass the ITL target.
+            cap = self.profile.router.max_inflight_per_worker
+            self.soft.settings = dataclasses.replace(
+                self.soft.settings, max_streams=cal.streams_within(self.profile.slo.itl_s, cap))
 
     def _slice_key(self, role: str) -> str:
         """Workers of equal hardware slices share one prefill-speed estimate."""
@@ -755,6 +778,7 @@ class Router:
             "nixl_mb_per_s": mbps,
             "policy": self.policy,
             "decider": self.decider.estimates(),
+            "calibration": {k: c.to_dict() for k, c in self.calibration.items()},
             "soft_roles": self.soft_roles_snapshot(now),
             "kv_events": {wid: f.snapshot() for wid, f in sorted(self.precise.feeds.items())}
             if self.precise is not None else {},

@@ -169,6 +169,7 @@ class PDDecider:
         self._engine_taught: set[str] = set()  # workers whose vLLM reports prefill time
         self._backlog: dict[str, _Backlog] = {}
         self._itl: dict[str, _Ewma] = {}
+        self._seeds: dict[str, int] = {}  # slice -> samples that came from calibration
         self._transfer = _Ewma(alpha)
         self._prior_transfer_s = prior_transfer_s
 
@@ -180,6 +181,22 @@ class PDDecider:
 
     def slice_of(self, worker_id: str) -> str:
         return self._slice.get(worker_id, worker_id)
+
+    def seed(self, slice_key: str, prefill_tps: float, itl_s: float | None = None) -> None:
+        """A measured speed for a slice (warm-up calibration), in place of the prior.
+
+        It enters as one sample, so live prefills move the estimate from there
+        at the usual rate; a slice that live traffic already taught keeps its
+        figure. The decode step at one stream becomes the ITL prior.
+        """
+        if prefill_tps <= 0:
+            return
+        speed = self._speed.setdefault(slice_key, _Speed(self.alpha))
+        if speed.samples == self._seeds.get(slice_key, 0):  # nothing live yet
+            speed.add(prefill_tps, 1.0)
+            self._seeds[slice_key] = speed.samples
+        if itl_s and itl_s > 0:
+            self.prior_itl_s = itl_s
 
     def forget_worker(self, worker_id: str) -> None:
         """A worker left or restarted: its backlog and ITL go; its slice's speed stays."""

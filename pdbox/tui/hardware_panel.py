@@ -50,6 +50,21 @@ def render_hardware(h: dict[str, Any]) -> Table:
     used, total = h.get("memory_used_bytes"), h.get("memory_total_bytes")
     frac = used / total if fmt.is_num(used) and fmt.is_num(total) and total else None
     grid.add_row("mem", f"{fmt.bar(frac, BAR)} {fmt.used_of(used, total)}")
+    dtype = h.get("dtype")
+    if isinstance(dtype, dict) and dtype.get("dtype"):
+        style = "yellow" if dtype.get("warning") else ""
+        grid.add_row("dtype", Text(str(dtype["dtype"]), style=style or "bold"))
+        grid.add_row("", Text(str(dtype.get("warning") or dtype.get("reason") or ""),
+                              style=style or "dim", overflow="fold"))
+    for key, cal in (h.get("calibration") or {}).items():
+        steps = cal.get("decode_step_s") or {}
+        step = " / ".join(f"{fmt.num(1000 * v, '.0f')}" for _, v in
+                          sorted(steps.items(), key=lambda kv: int(kv[0]))
+                          if fmt.is_num(v))
+        grid.add_row("calib", Text(str(key).split(" · ")[0], style="bold"))
+        grid.add_row("", f"prefill {fmt.num(cal.get('prefill_tps'), ',.0f')} tok/s")
+        grid.add_row("", f"step {step or fmt.NA} ms at "
+                     f"{'/'.join(sorted(steps, key=int)) or fmt.NA} streams")
     return grid
 
 

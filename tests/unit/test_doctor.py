@@ -14,8 +14,11 @@ import pytest
 from click.testing import CliRunner
 
 from pdbox.commands import doctor as dr
+from pdbox.hardware.cpuinfo import parse_cpuinfo
+from pdbox.hardware.dtype import choose_dtype
 
 GIB = 1024**3
+CPUINFO_FIX = Path(__file__).resolve().parents[1] / "fixtures" / "cpuinfo"
 
 
 def probes(**over) -> dr.Probes:
@@ -32,6 +35,7 @@ def probes(**over) -> dr.Probes:
         free_disk=lambda p: 50 * GIB,
         model=lambda: ("missing", "", Path("/data/pdbox/models/smollm2-135m-instruct")),
         strays=lambda: [],
+        cpu=lambda: parse_cpuinfo((CPUINFO_FIX / "amd-epyc-avx2.txt").read_text(), "x86_64"),
     )
     base.update(over)
     return dr.Probes(**base)
@@ -53,21 +57,24 @@ def test_healthy_cpu_machine_passes_with_a_gpu_warning(monkeypatch):
     res = run(monkeypatch, probes())
     assert res.exit_code == 0, res.output
     lines = res.output.strip().splitlines()
-    assert len(lines) == 11  # ten checks and a summary
+    assert len(lines) == 12  # eleven checks and a summary
     gpu = next(ln for ln in lines if " gpu " in ln)
     assert gpu.startswith("warn") and "no GPU: pdbox will use the CPU profile cpu-tiny" in gpu
     assert "will be converted on first `pdbox up` (~30 s)" in res.output
-    assert lines[-1] == "9 ok, 1 warn, 0 fail"
+    assert lines[-1] == "10 ok, 1 warn, 0 fail"
+    dtype = next(ln for ln in lines if " dtype " in ln)
+    assert dtype.startswith("ok") and "float32 on AMD EPYC 7B13 (avx, avx2" in dtype
+    assert "no native bf16" in dtype
 
 
 def test_json_output(monkeypatch):
     res = run(monkeypatch, probes(), "--json")
     assert res.exit_code == 0
     data = json.loads(res.output)
-    assert data["ok"] is True and data["summary"] == {"ok": 9, "warn": 1, "fail": 0}
+    assert data["ok"] is True and data["summary"] == {"ok": 10, "warn": 1, "fail": 0}
     names = [c["name"] for c in data["checks"]]
     assert names == ["python", "vllm", "nixl", "gpu", "mps", "cores", "memory", "disk", "model",
-                     "strays"]
+                     "dtype", "strays"]
     assert all(set(c) == {"name", "status", "detail", "fix"} for c in data["checks"])
 
 
@@ -207,7 +214,7 @@ def test_real_probes_except_nixl_are_quick_and_import_nothing_heavy(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout.strip().splitlines()[-1])
-    assert data == {"heavy": [], "n": 10}
+    assert data == {"heavy": [], "n": 11}
 
 
 @pytest.mark.skipif(
@@ -272,3 +279,12 @@ def test_doctor_reports_a_real_stray(tmp_path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_dtype_check_warns_of_an_explicit_bf16_the_cpu_would_emulate():
+    amd = parse_cpuinfo((CPUINFO_FIX / "amd-epyc-avx2.txt").read_text(), "x86_64")
+    c = dr.check_dtype(choose_dtype("bfloat16", "cpu", amd), amd, "cpu")
+    assert c.status == dr.WARN and "emulated" in c.detail and "auto" in c.fix
+    spr = parse_cpuinfo((CPUINFO_FIX / "intel-spr-amx.txt").read_text(), "x86_64")
+    ok = dr.check_dtype(choose_dtype("auto", "cpu", spr), spr, "cpu")
+    assert ok.status == dr.OK and ok.detail.startswith("bfloat16 on Intel")

@@ -1,0 +1,123 @@
+"""A worker's measured speeds: what warm-up calibration found, and the file that keeps it.
+
+At each worker start the fleet times a few requests on the new worker
+(pdbox/workers/calibrate.py): a short and a longer prompt, one token each,
+and a stream alone and beside a few others. From them come this slice's
+prefill speed and decode step, which seed the decider, admission and soft
+roles before live traffic teaches them (docs/ROUTING.md, *Calibration*).
+
+Pure: no clock, no I/O but the JSON file named by its caller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FILE = "calibration.json"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    # Prompt tokens per second, net of the fixed cost of a request.
+    prefill_tps: float
+    # Seconds a request costs whatever its length (HTTP, scheduling, one step).
+    overhead_s: float
+    # Decode step seconds by batch size (streams running together).
+    decode_step_s: dict[int, float] = field(default_factory=dict)
+    # The points it was fitted from: (prompt tokens, seconds).
+    prefill_points: tuple[tuple[int, float], ...] = ()
+    took_s: float = 0.0
+
+    def step_at(self, batch: int) -> float | None:
+        """The decode step at `batch` streams, on the line through the measured points."""
+        pts = sorted(self.decode_step_s.items())
+        if not pts:
+            return None
+        if len(pts) == 1 or batch <= pts[0][0]:
+            return pts[0][1]
+        (b0, s0), (b1, s1) = pts[0], pts[-1]
+        slope = max(0.0, (s1 - s0) / (b1 - b0))
+        return s0 + slope * (batch - b0)
+
+    def streams_within(self, itl_s: float, cap: int) -> int:
+        """How many streams one worker runs with each step inside `itl_s` (1..cap)."""
+        best = 1
+        for b in range(1, cap + 1):
+            step = self.step_at(b)
+            if step is not None and step <= itl_s:
+                best = b
+        return best
+
+    def request_s(self, prompt_tokens: int, output_tokens: int, batch: int) -> float:
+        """A request's time on a worker: its prefill, then its tokens at `batch`'s step."""
+        step = self.step_at(batch) or 0.0
+        return self.overhead_s + prompt_tokens / self.prefill_tps + output_tokens * step
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["decode_step_s"] = {str(k): round(v, 5) for k, v in self.decode_step_s.items()}
+        d["prefill_tps"] = round(self.prefill_tps, 1)
+        d["overhead_s"] = round(self.overhead_s, 4)
+        d["prefill_points"] = [[n, round(s, 4)] for n, s in self.prefill_points]
+        d["took_s"] = round(self.took_s, 2)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        return cls(prefill_tps=float(d["prefill_tps"]), overhead_s=float(d["overhead_s"]),
+                   decode_step_s={int(k): float(v) for k, v in d["decode_step_s"].items()},
+                   prefill_points=tuple((int(n), float(s)) for n, s in d["prefill_points"]),
+                   took_s=float(d.get("took_s", 0.0)))
+
+
+def fit_prefill(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """(tokens/s, fixed seconds) of the line t = a + n / tps through (n, t) points.
+
+    Two lengths separate the prompt's cost from the request's fixed cost. When
+    noise makes the longer prompt no slower, the longest point alone gives a
+    speed that is low (it counts the fixed cost too): pessimistic, never absurd.
+    """
+    pts = sorted(points)
+    if not pts or pts[-1][0] <= 0 or pts[-1][1] <= 0:
+        raise ValueError("no prefill point to fit")
+    (n0, t0), (n1, t1) = pts[0], pts[-1]
+    if n1 > n0 and t1 > t0:
+        tps = (n1 - n0) / (t1 - t0)
+        overhead = max(0.0, t0 - n0 / tps)
+        return tps, overhead
+    return n1 / t1, 0.0
+
+
+def decode_step(gaps: list[float]) -> float:
+    """The median gap between a stream's tokens: a step's time, robust to the
+    odd step that also carried another request's prefill."""
+    if not gaps:
+        raise ValueError("no token gaps")
+    return statistics.median(gaps)
+
+
+def slice_key(slice_desc: str, dtype: str, model: str) -> str:
+    """Speeds hold for one hardware slice, dtype and model; a change of any is a new key."""
+    return f"{slice_desc} · {dtype} · {model}"
+
+
+def load(run_dir: Path) -> dict[str, Calibration]:
+    """The last figures per slice key; a missing or damaged file is no figures."""
+    try:
+        raw = json.loads((run_dir / FILE).read_text())
+        return {k: Calibration.from_dict(v) for k, v in raw.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def save(run_dir: Path, figures: dict[str, Calibration]) -> None:
+    """Written aside and renamed, so a crash leaves the old file or the new one."""
+    path = run_dir / FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: v.to_dict() for k, v in figures.items()}, indent=2) + "\n")
+    os.replace(tmp, path)
