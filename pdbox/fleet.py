@@ -13,12 +13,13 @@ import asyncio
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from pdbox import calibration
 from pdbox.config import Profile
 from pdbox.kv_subscribers import KvSubscribers
 from pdbox.ports import PortAllocator, PortTaken
@@ -43,9 +44,14 @@ Event = Callable[[str, str], None]
 class HttpProber:
     """Ready means /health answers and one 1-token completion succeeds."""
 
-    def __init__(self, served_name: str):
+    def __init__(self, served_name: str,
+                 on_warm: Callable[[vllm_spec.WorkerSpec, aiohttp.ClientSession],
+                                   Awaitable[None]] | None = None):
         self.served_name = served_name
         self.session: aiohttp.ClientSession | None = None
+        # Runs once a new worker has answered its first completion, before it
+        # is marked ready: the fleet's warm-up calibration.
+        self.on_warm = on_warm
 
     async def _session(self) -> aiohttp.ClientSession:
         if self.session is None:
@@ -67,9 +73,13 @@ class HttpProber:
             async with s.post(f"{spec.url}/v1/completions", json=body,
                               timeout=aiohttp.ClientTimeout(total=120)) as r:
                 await r.read()
-                return r.status == 200
+                if r.status != 200:
+                    return False
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
+        if self.on_warm is not None:
+            await self.on_warm(spec, s)
+        return True
 
     async def close(self) -> None:
         if self.session is not None:
@@ -128,6 +138,7 @@ class Fleet:
         p = self.profile
         cuda = p.hardware.device == "cuda"
         self.online = usable_cores()
+        self._seed_saved_calibration()
         settings = SupervisorSettings(
             start_timeout_s=p.engine.start_timeout_s,
             max_start_failures=p.engine.max_start_failures,
@@ -135,7 +146,8 @@ class Fleet:
             sequential_start=cuda,
         )
         self.supervisor = Supervisor(
-            launcher=PopenLauncher(), prober=HttpProber(p.model.served_name), clock=RealClock(),
+            launcher=PopenLauncher(), prober=HttpProber(p.model.served_name, self._calibrate),
+            clock=RealClock(),
             log_dir=self.run_dir / "logs", settings=settings, on_event=self.event,
             on_state=self._on_worker_state, respec=self._fresh_ports)
         for role, rc in p.roles().items():
@@ -147,6 +159,50 @@ class Fleet:
                    if w.role in self.router.serving_roles()]
         await self.supervisor.wait_ready(any_of=serving)
         self._tasks.append(asyncio.create_task(self._supervise_loop()))
+
+    # ------------------------------------------------------------ calibration
+
+    def _calibration_key(self, role: str) -> str:
+        p = self.live_profile
+        return calibration.slice_key(self.router._slice_key(role), p.model.dtype,
+                                     p.model.served_name)
+
+    def _seed_saved_calibration(self) -> None:
+        """The last run's figures for these slices: a restart starts warm."""
+        self._calibrations = calibration.load(self.run_dir)
+        for role in self.profile.roles():
+            key = self._calibration_key(role)
+            if key in self._calibrations:
+                self.router.seed_calibration(role, self._calibrations[key], key)
+
+    async def _calibrate(self, spec: vllm_spec.WorkerSpec,
+                         session: aiohttp.ClientSession) -> None:
+        """Time the new worker (a few seconds) and seed the router with what it measured.
+
+        A failed calibration costs nothing but its figures: the worker still
+        becomes ready, and the router keeps its priors or last figures.
+        """
+        if not self.profile.engine.calibrate:
+            return
+        from pdbox.workers.calibrate import CalibrationError, Calibrator
+
+        try:
+            cal = await Calibrator(session, self.profile.model.served_name,
+                                   self.profile.model.max_model_len).run(spec.url)
+        except CalibrationError as exc:
+            self.event("worker", f"{spec.id}: calibration failed ({exc}); keeping the priors")
+            return
+        key = self._calibration_key(spec.role)
+        self.router.seed_calibration(spec.role, cal, key)
+        self._calibrations[key] = cal
+        try:
+            calibration.save(self.run_dir, self._calibrations)
+        except OSError:
+            pass  # the figures still seed this run
+        steps = " · ".join(f"{1000 * v:.0f} ms at {k}" for k, v in sorted(
+            cal.decode_step_s.items()))
+        self.event("worker", f"{spec.id} calibrated in {cal.took_s:.1f} s: prefill "
+                   f"{cal.prefill_tps:,.0f} tokens/s, decode step {steps}")
 
     def serving_note(self) -> str:
         """'' when every worker is ready; else what the box does meanwhile."""
