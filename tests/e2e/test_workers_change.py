@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from tests.e2e.conftest import REPO
+from tests.e2e.conftest import REPO, profile_variant, slowness
 
 pytestmark = pytest.mark.e2e
 
@@ -37,9 +37,14 @@ def cores_of(snap: dict) -> list[str]:
                   if w["role"] == "aggregated" and w["state"] not in ("draining", "stopped"))
 
 
-def test_burst_grace_and_placement(pdbox_factory):
+def test_burst_grace_and_placement(pdbox_factory, tmp_path):
+    # The grace window must outlast the burst, which takes longer where
+    # prefill is slower: both scale with what earlier boxes measured.
+    window = 300.0 * slowness()  # cpu-aggregated's scale_down_window_s, stretched
+    prof = profile_variant(tmp_path, "cpu-aggregated", "cpu-aggregated",
+                           **{"autoscaler.scale_down_window_s": f"{window:.1f}"})
     t_start = time.monotonic()
-    box = pdbox_factory(["--profile", "cpu-aggregated"])
+    box = pdbox_factory(["--profile", str(prof)])
     snap = box.status()
     assert cores_of(snap) == ["0", "1"]
 
@@ -47,7 +52,7 @@ def test_burst_grace_and_placement(pdbox_factory):
     out = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench_burst.py"), "--endpoint", box.endpoint,
          "--chats", "40", "--turns", "2", "--system-tokens", "1500", "--max-tokens", "16"],
-        capture_output=True, text=True, timeout=900)
+        capture_output=True, text=True, timeout=900 * slowness())
     result = json.loads(out.stdout)
     print("burst:", json.dumps(result))
     assert result["errors"] == 0, result
@@ -55,7 +60,6 @@ def test_burst_grace_and_placement(pdbox_factory):
 
     # 2. Grace: an idle box keeps both workers for a whole window after start.
     snap = box.status()
-    window = 300.0  # cpu-aggregated's scale_down_window_s
     assert time.monotonic() - t_start < window, "the burst took longer than the window"
     downs = [d for d in snap["autoscaler"]["decisions"] if d["to"] < d["from"]]
     assert downs == [], downs
