@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "top": "pdbox.commands.top:top",
     "chat": "pdbox.commands.chat:chat",
     "smoke": "pdbox.commands.smoke:smoke",
+    "bench": "pdbox.bench.cli:bench",
 }
 
 HELP = {
@@ -43,6 +44,7 @@ HELP = {
     "top": "Attach the TUI to a running pdbox.",
     "chat": "Chat with the running pdbox (or any OpenAI server) in a REPL.",
     "smoke": "Run end-to-end checks against a running pdbox.",
+    "bench": "Compare setups on this machine with the same workload (trace, phases, ...).",
 }
 
 

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from pdbox import config
+from pdbox.bench.machine import for_profile as machine_record
 from pdbox.replay.autoscale import format_timeline, simulate
 from pdbox.replay.traces import TraceError, load
 
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.json:
         slim = {k: {kk: vv for kk, vv in v.items() if kk != "decisions"} for k, v in runs.items()}
-        print(json.dumps({"summary": summary, "runs": slim}, indent=2))
+        print(json.dumps({"summary": summary, "runs": slim,
+                          "machine": machine_record(profile)}, indent=2))
         return 0
 
     print(

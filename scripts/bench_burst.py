@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pdbox.bench.machine import record as machine_record  # noqa: E402
 from pdbox.router.metrics import percentile, sum_series  # noqa: E402
 
 WORDS = ("alpha beta gamma delta river mountain cloud stone paper light shadow garden music "
@@ -122,6 +123,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     out = asyncio.run(run(args))
+    out["machine"] = machine_record()
     print(json.dumps(out, indent=2))
     sys.exit(1 if out["errors"] else 0)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pdbox.bench.machine import record as machine_record  # noqa: E402
 from pdbox.replay.routing import replay  # noqa: E402
 from pdbox.replay.traces import MOONCAKE_BLOCK_TOKENS, load  # noqa: E402
 
@@ -97,6 +98,7 @@ def main() -> int:
         "indexes": index_rows,
         "sweep": sweep_rows,
         "elapsed_s": round(elapsed, 1),
+        "machine": machine_record(),
     }
     if args.json:
         print(json.dumps(result, indent=2))

@@ -42,13 +42,12 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-
-from bench_interference import NO_AUTOSCALER, write_variant  # noqa: E402
 
 from pdbox import config  # noqa: E402
 from pdbox.bench import pd_legs  # noqa: E402
+from pdbox.bench.machine import for_profile as machine_record  # noqa: E402
 from pdbox.bench.procs import group_cpu, group_pids  # noqa: E402
+from pdbox.bench.setups import NO_AUTOSCALER, write_variant  # noqa: E402
 from pdbox.ports import PortAllocator  # noqa: E402
 from pdbox.workers import vllm as vllm_spec  # noqa: E402
 from pdbox.workers.model import resolve_model  # noqa: E402
@@ -284,6 +283,7 @@ def main() -> None:
     for res in out["variants"].values():
         res["goal_ok"] = all(res[k]["ratio"] <= 1.2 for k in ("cold", "warm"))
     if args.json:
+        out["machine"] = machine_record(config.load("cpu-tiny"))
         print(json.dumps(out, indent=2))
 
 

@@ -45,11 +45,11 @@ import aiohttp
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_interference import NO_AUTOSCALER, write_variant  # noqa: E402
-
+from pdbox import config  # noqa: E402
+from pdbox.bench.machine import for_profile as machine_record  # noqa: E402
 from pdbox.bench.pd_legs import unique_prompt  # noqa: E402
+from pdbox.bench.setups import NO_AUTOSCALER, write_variant  # noqa: E402
 from pdbox.router.metrics import percentile as pct  # noqa: E402
 from tests.e2e.conftest import Pdbox, start_pdbox, stop_group  # noqa: E402
 
@@ -215,6 +215,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pdbox-prefix-") as tmp:
         for regime in args.regimes.split(","):
             out["regimes"][regime] = run_regime(Path(tmp), regime, args)
+    out["machine"] = machine_record(config.load("cpu-aggregated"))
     print(json.dumps(out, indent=2) if args.json else "\n".join(
         f"{k}: prefix/round_robin follow-up TTFT p50 = {v.get('prefix_vs_round_robin_p50')}"
         for k, v in out["regimes"].items()))

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pdbox import config  # noqa: E402
+from pdbox.bench.machine import for_profile as machine_record  # noqa: E402
 from pdbox.replay.split_sim import simulate_split, split_report  # noqa: E402
 from pdbox.replay.traces import concat, load  # noqa: E402
 from pdbox.resplit import describe_split, parse_split  # noqa: E402
@@ -58,6 +59,7 @@ def main() -> None:
     }
     out["goal_best_static_met"] = adaptive["slo_attainment"] >= best["slo_attainment"]
     out["goal_1_2x_default_met"] = out["adaptive_vs_default"] >= 1.2
+    out["machine"] = machine_record(p)
     if args.json:
         print(json.dumps(out, indent=2))
         return

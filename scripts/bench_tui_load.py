@@ -26,6 +26,8 @@ from pathlib import Path
 import aiohttp
 import psutil
 
+from pdbox.bench.machine import record as machine_record
+
 REPO = Path(__file__).resolve().parents[1]
 PY = str(REPO / ".venv" / "bin" / "python")
 
@@ -136,6 +138,7 @@ def main() -> None:
         for m in mocks:
             m.terminate()
             m.wait(10)
+    result["machine"] = machine_record()
     print(json.dumps(result, indent=2) if args.json else result)
 
 

@@ -39,6 +39,7 @@ from typing import Any
 
 import aiohttp
 
+from pdbox.bench.machine import record as machine_record
 from pdbox.router.metrics import percentile
 
 
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     lt = LoadTest(a.url, a.model, a.max_tokens, a.timeout, a.api_key, a.seed)
     s = asyncio.run(lt.run(a.rate, a.duration, a.batch_share, a.stream_share, a.pid))
     if a.json:
-        print(json.dumps(asdict(s), indent=2))
+        print(json.dumps({**asdict(s), "machine": machine_record()}, indent=2))
     else:
         print(f"sent {s.sent}  completed {s.completed}  errors {s.errors}  429 {s.rejected_429}  "
               f"refused {s.refused}  lost {s.lost}  duplicated {s.duplicated}")

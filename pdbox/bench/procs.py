@@ -19,6 +19,19 @@ def group_pids(pgid: int) -> list[int]:
     return out
 
 
+def live_group_pids(pgid: int) -> list[int]:
+    """Processes of the group still running; zombies only wait for a reaper
+    (which may never come inside a container) and do not count."""
+    out = []
+    for pid in group_pids(pgid):
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.Error:
+            pass
+    return out
+
+
 def group_cpu(pgid: int, seconds: float) -> float:
     """Cores a process group used over `seconds` (an idle spin shows here)."""
     procs = [psutil.Process(p) for p in group_pids(pgid)]

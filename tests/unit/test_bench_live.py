@@ -1,23 +1,22 @@
-"""Pure parts of the live benchmarks: profile variants, percentiles, the run summary."""
+"""Pure parts of the live benchmarks: profile variants, percentiles, the run summaries."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from pdbox import config
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-
-import bench_interference as bi  # noqa: E402
+from pdbox.bench import interference as bi
+from pdbox.bench import phases as bp
+from pdbox.bench.client import Req
+from pdbox.bench.setups import NO_AUTOSCALER, write_variant
+from pdbox.router.metrics import percentile as pct
 
 
 def test_variant_replaces_and_adds_keys(tmp_path: Path) -> None:
-    path = bi.write_variant(tmp_path, "cpu-aggregated", "agg-test", {
+    path = write_variant(tmp_path, "cpu-aggregated", "agg-test", {
         "autoscaler.enabled": "false",  # section absent in cpu-aggregated: added
         "router.policy": '"round_robin"',  # key present: replaced
         "engine.extra_args": json.dumps(["--num-gpu-blocks-override=80"]),  # key absent: added
@@ -31,8 +30,8 @@ def test_variant_replaces_and_adds_keys(tmp_path: Path) -> None:
 
 
 def test_variant_of_cpu_tiny_sets_decider_and_delay(tmp_path: Path) -> None:
-    path = bi.write_variant(tmp_path, "cpu-tiny", "tiny-test", {
-        **bi.NO_AUTOSCALER, "router.pd_decider": '"threshold"', "nixl.progress_delay_us": "0"})
+    path = write_variant(tmp_path, "cpu-tiny", "tiny-test", {
+        **NO_AUTOSCALER, "router.pd_decider": '"threshold"', "nixl.progress_delay_us": "0"})
     p = config.load(str(path))
     assert (p.autoscaler.enabled, p.router.pd_decider, p.nixl.progress_delay_us) == (
         False, "threshold", 0)
@@ -40,18 +39,17 @@ def test_variant_of_cpu_tiny_sets_decider_and_delay(tmp_path: Path) -> None:
 
 def test_pct_nearest_rank() -> None:
     xs = [float(i) for i in range(1, 101)]
-    assert bi.pct(xs, 0.5) == 50.0
-    assert bi.pct(xs, 0.99) == 99.0
-    assert bi.pct(xs, 1.0) == 100.0
-    assert bi.pct([], 0.5) is None
+    assert pct(xs, 0.5) == 50.0
+    assert pct(xs, 0.99) == 99.0
+    assert pct(xs, 1.0) == 100.0
+    assert pct([], 0.5) is None
 
 
 def test_summary_counts_only_the_window_and_gaps_within_a_request() -> None:
-    args = argparse.Namespace()
-    s1 = bi.Req("stream", 0.0, events=[0.5, 1.0, 1.1, 1.2, 9.0])
-    s2 = bi.Req("stream", 0.0, events=[2.0, 2.05])
-    long_ = bi.Req("long", 1.0, ttft=2.0, events=[3.0, 3.1], pd="remote", reason="remote: x")
-    out = bi.summarise([s1, s2], [long_], [], t0=0.9, t1=5.0, args=args)
+    s1 = Req("stream", 0.0, events=[0.5, 1.0, 1.1, 1.2, 9.0])
+    s2 = Req("stream", 0.0, events=[2.0, 2.05])
+    long_ = Req("long", 1.0, ttft=2.0, events=[3.0, 3.1], pd="remote", reason="remote: x")
+    out = bi.summarise([s1, s2], [long_], [], t0=0.9, t1=5.0)
     # s1 in window: 1.0, 1.1, 1.2 -> gaps 0.1, 0.1; s2: 0.05. Never a gap across requests.
     assert out["itl_samples"] == 3
     assert out["itl_max_ms"] == pytest.approx(100.0)
@@ -66,3 +64,37 @@ def test_compare_states_each_goal() -> None:
     pd = {"itl_p99_ms": 400.0, "long_ttft_p50_s": 1.4, "output_tokens_per_s": 46.0}
     c = bi.compare(pd, agg)
     assert (c["itl_p99_ok"], c["ttft_p50_ok"], c["tokens_per_s_ok"]) == (True, False, True)
+
+
+def test_goals_pair_each_pd_setup_with_each_aggregated_one() -> None:
+    fig = {"itl_p99_ms": 100.0, "long_ttft_p50_s": 1.0, "output_tokens_per_s": 50.0}
+    setups = [{"label": "pd-a", "mode": "pd", "result": fig},
+              {"label": "pd-t", "mode": "pd", "result": fig},
+              {"label": "agg", "mode": "aggregated", "result": fig}]
+    assert set(bi.goals(setups)) == {"pd-a vs agg", "pd-t vs agg"}
+
+
+def test_phase_figures_count_ttft_of_requests_started_in_the_phase() -> None:
+    reqs = [Req("stream", 0.5, ttft=0.2, events=[0.7, 0.8, 0.9]),
+            Req("long", 1.5, ttft=1.0, events=[2.5]),
+            Req("stream", 3.0, ttft=0.1, events=[3.1])]
+    f = bp.figures(reqs, 0.0, 2.0, refused=2)
+    assert f["ttft_p50_s"] == 0.2 and f["long_ttft_p50_s"] == 1.0
+    assert f["requests_started"] == 2 and f["refused_429"] == 2
+    assert f["output_tokens_per_s"] == 1.5  # 3 events in 2 s
+
+
+def test_phases_verdict_first_against_the_best_other() -> None:
+    def res(itl: float, ttft: float, tps: float) -> dict:
+        f = {"itl_p99_ms": itl, "ttft_p50_s": ttft, "ttft_p90_s": ttft,
+             "output_tokens_per_s": tps}
+        return {"phases": {"chat": f}, "whole_run": f}
+
+    setups = [{"label": "soft", "result": res(105.0, 0.5, 95.0)},
+              {"label": "fixed", "result": res(100.0, 0.8, 80.0)},
+              {"label": "agg", "result": res(300.0, 0.6, 100.0)}]
+    v = bp.verdict(setups)
+    assert v["chat"]["itl_p99_ms"]["within_10pct"] and not v["chat"]["itl_p99_ms"]["beats_all"]
+    assert v["chat"]["ttft_p50_s"]["beats_all"]
+    assert v["chat"]["output_tokens_per_s"]["best_other"] == 100.0
+    assert bp.verdict(setups[:1]) == {}
