@@ -14,6 +14,7 @@ import click
 
 from pdbox.bench import interference as interference_mod
 from pdbox.bench import phases as phases_mod
+from pdbox.bench import speeds as speeds_mod
 from pdbox.bench.cli_common import (
     check_outputs,
     finish,
@@ -280,6 +281,45 @@ def interference(ctx: click.Context, profile: str | None, against: tuple[str, ..
             finish(ctx, "interference", workload.config(), mats, results, rows,
                    workload.columns, json_dest, plot_file,
                    {"goals": interference_mod.goals(results)})
+
+
+@bench.command(name="speeds")
+@setup_options()
+@click.option("--short-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--long-tokens", type=click.IntRange(min=2), default=1024, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Requests per prompt length; the table shows their median.")
+@click.option("--stream-tokens", type=click.IntRange(min=2), default=64, show_default=True)
+@click.pass_context
+def speeds(ctx: click.Context, profile: str | None, against: tuple[str, ...], autoscale: bool,
+           start_timeout_s: float, json_dest: str | None, plot_file: str | None,
+           short_tokens: int, long_tokens: int, repeats: int, stream_tokens: int) -> None:
+    """One request alone: TTFT at a short and a long prompt, and the decode step.
+
+    
+    Compares dtypes, builds or machines free of queueing, e.g.
+      pdbox bench speeds --profile 'bf16:cpu-aggregated,model.dtype=bfloat16' \
+          --against 'fp32:cpu-aggregated,model.dtype=float32'
+    prefill tok/s is (long - short tokens) / (long - short TTFT): net of the
+    request's fixed cost. The calibrated columns are what pdbox measured itself
+    at each worker's start (docs/ROUTING.md, Calibration).
+
+    Each figure is followed by its ratio to the first setup's, e.g. "(0.20×)":
+    below 1 is better for latencies, above 1 for tokens/s.
+    """
+    if long_tokens <= short_tokens:
+        raise click.UsageError("--long-tokens must be more than --short-tokens")
+    params = speeds_mod.Params(short_tokens, long_tokens, repeats, stream_tokens)
+    with user_errors():
+        setups = parse_setups(profile, against, {}, ["cpu-aggregated"])
+        check_outputs(plot_file)
+        with workspace(setups, autoscale) as (work, mats):
+            workload = speeds_mod.SpeedsWorkload(params)
+            results = run_setups(mats, work, workload, start_timeout_s, Progress())
+            rows = [r for s in results for r in workload.rows(
+                s["label"], {**s["result"], "calibration": s["pdbox"].get("calibration")})]
+            finish(ctx, "speeds", workload.config(), mats, results, rows, workload.columns,
+                   json_dest, plot_file)
 
 
 bench.add_command(startup)

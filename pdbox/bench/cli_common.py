@@ -61,7 +61,7 @@ def setup_options(plots: bool = True) -> Callable[[F], F]:
         if plots:
             opts.append(click.option("--plot", "plot_file", default=None, metavar="FILE.png",
                                      help="Draw latency percentiles and tokens/s per setup "
-                                     "(needs matplotlib)."))
+                                     "(drawn with Pillow)."))
         for opt in reversed(opts):
             f = opt(f)
         return f

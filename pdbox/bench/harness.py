@@ -152,7 +152,10 @@ def pdbox_figures(b: boxes.Box) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         return {"error": str(exc)[:200]}
     router = st.get("router", {}) or {}
+    hardware = st.get("hardware", {}) or {}
     return {
+        "dtype": hardware.get("dtype"),
+        "calibration": hardware.get("calibration") or {},
         "router": {k: router.get(k) for k in ROUTER_KEYS},
         "soft_roles": (router.get("soft_roles") or {}).get("enabled"),
         "workers": [{k: w.get(k) for k in ("id", "role", "state", "cores", "restarts")}

@@ -32,7 +32,7 @@ class Row:
 
 
 class PlotUnavailable(Exception):
-    """--plot without matplotlib; str() is the sentence to show."""
+    """--plot without Pillow; str() is the sentence to show."""
 
 
 def ratio(value: Any, ref: Any) -> float | None:
@@ -112,39 +112,31 @@ def write_json(result: dict[str, Any], dest: str) -> None:
 
 def check_plot() -> None:
     try:
-        import matplotlib  # noqa: F401
+        import PIL  # noqa: F401  (vLLM depends on Pillow, so a box that benchmarks has it)
     except ImportError:
-        raise PlotUnavailable("--plot needs matplotlib, which is not installed; install it "
-                              "with `pip install matplotlib` or drop --plot") from None
+        raise PlotUnavailable("--plot needs Pillow, which is not installed; install it "
+                              "with `pip install pillow` or drop --plot") from None
 
 
 def plot(rows: Sequence[Row], columns: Sequence[Column], file: str, title: str) -> None:
     """Bars per setup, one panel per column kind (latencies, rates), a row per phase."""
     check_plot()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pdbox.bench.bars import Panel, draw
 
     kinds = list(dict.fromkeys(c.kind for c in columns if c.kind))
     groups = list(dict.fromkeys(r.group for r in rows))
-    fig, axes = plt.subplots(len(groups), len(kinds), squeeze=False,
-                             figsize=(6 * len(kinds), 3.2 * len(groups)))
-    for gi, group in enumerate(groups):
+    panels = []
+    for group in groups:
         grows = [r for r in rows if r.group == group]
-        for ki, kind in enumerate(kinds):
-            ax = axes[gi][ki]
+        row = []
+        for kind in kinds:
             cols = [c for c in columns if c.kind == kind]
-            width = 0.8 / max(1, len(grows))
-            for si, r in enumerate(grows):
-                xs = [i + si * width for i in range(len(cols))]
-                ys = [float(r.figures.get(c.key) or 0.0) for c in cols]
-                ax.bar(xs, ys, width, label=r.label)
-            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cols))])
-            ax.set_xticklabels([c.title for c in cols], rotation=20, fontsize=8)
-            ax.set_title(f"{group + ': ' if group else ''}{kind}", fontsize=9)
-            ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(file, dpi=120)
-    plt.close(fig)
+            series = [(r.label, [_num(r.figures.get(c.key)) for c in cols]) for r in grows]
+            row.append(Panel(f"{group + ': ' if group else ''}{kind}", [c.title for c in cols],
+                             series))
+        panels.append(row)
+    draw(panels, file, title)
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None

@@ -75,15 +75,32 @@ def test_empty_window_and_bad_caps(tmp_path: Path) -> None:
                         "neither a vLLM flag")
 
 
-def test_plot_without_matplotlib_fails_before_anything_starts(tmp_path: Path,
-                                                             monkeypatch) -> None:
+def test_plot_without_pillow_fails_before_anything_starts(tmp_path: Path,
+                                                         monkeypatch) -> None:
     def boom(*a, **k):
         raise AssertionError("a box was started")
 
     monkeypatch.setattr(boxes, "start", boom)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "PIL", None)  # as if not installed
     res = _invoke("trace", str(_trace(tmp_path)), "--plot", str(tmp_path / "p.png"))
-    _one_sentence_error(res, "--plot needs matplotlib")
+    _one_sentence_error(res, "--plot needs Pillow")
+
+
+def test_plot_draws_a_png_of_every_setup_and_phase(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from pdbox.bench.report import Column, Row, plot
+
+    cols = [Column("ttft_p50_s", "TTFT p50", "lower", "latency s"),
+            Column("itl_p99_s", "ITL p99", "lower", "latency s"),
+            Column("tokens_per_s", "tokens/s", "higher", "tokens/s")]
+    rows = [Row(phase, label, {"ttft_p50_s": t, "itl_p99_s": None, "tokens_per_s": 100.0 * t})
+            for phase in ("chat", "long") for label, t in (("soft", 0.4), ("aggregated", 0.6))]
+    out = tmp_path / "p.png"
+    plot(rows, cols, str(out), "phases")
+    with Image.open(out) as img:
+        assert img.format == "PNG"
+        assert img.size[0] >= 2 * 500 and img.size[1] >= 2 * 250  # 2 kinds x 2 phases
 
 
 @pytest.fixture
