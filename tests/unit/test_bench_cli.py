@@ -211,3 +211,20 @@ def test_a_failed_workload_names_its_setup_and_stops_the_box(tmp_path: Path, moc
     res = _invoke("trace", str(_trace(tmp_path)), "--duration-s", "1")
     _one_sentence_error(res, "setup 'cpu-tiny': the trace workload failed (connection reset)")
     assert all(b.proc.poll() is not None for b in mock_boxes)
+
+
+def test_speeds_over_two_dtype_setups(tmp_path: Path, mock_boxes) -> None:
+    out = tmp_path / "s.json"
+    res = _invoke("speeds", "--profile", "bf16:cpu-aggregated,model.dtype=bfloat16",
+                  "--against", "fp32:cpu-aggregated,model.dtype=float32", "--short-tokens", "8",
+                  "--long-tokens", "64", "--repeats", "2", "--stream-tokens", "8",
+                  "--json", str(out))
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert [s["dtype"] for s in data["setups"]] == ["bfloat16", "float32"]
+    for s in data["setups"]:
+        r = s["result"]
+        assert r["ttft_short_s"] > 0 and len(r["ttft_long_all_s"]) == 2
+        assert r["decode_step_s"] == pytest.approx(0.005, abs=0.02)
+    assert data["table"][1]["ratios"]["ttft_long_s"] is not None
+    assert _invoke("speeds", "--short-tokens", "64", "--long-tokens", "8").exit_code == 2
