@@ -133,7 +133,7 @@ def finish(ctx: click.Context, workload_name: str, config: dict[str, Any],
         "table": with_ratios(rows, columns),
         **(extra or {}),
     }
-    text = table(rows, columns)
+    text = table(rows, columns) + "\n" + machine.describe(result["machine"], setups)
     click.echo(text, err=json_dest == "-")
     left = [p for s in setups for p in s.get("leftover_pids", [])]
     if left:

@@ -120,6 +120,27 @@ def for_profile(profile: Any) -> dict[str, Any]:
     return record(dtype=resolved_dtype(profile), dtype_requested=profile.model.dtype)
 
 
+def describe(rec: dict[str, Any], setups: list[dict[str, Any]] | None = None) -> str:
+    """One line naming the machine under a results table: CPU, cores, the flags
+    that decide the kernels, dtype, versions, and the load each setup ran under."""
+    flags = [f for f in rec.get("simd_flags", []) if f in KEY_FLAGS]
+    gpus = ", ".join(rec.get("gpus") or [])
+    line = (f"machine: {rec.get('cpu_model')} ({rec.get('arch')}), "
+            f"{rec.get('cores_usable')} cores, {', '.join(flags) or 'no AVX/NEON flags read'}"
+            + (f"; GPU {gpus} (driver {rec.get('gpu_driver')})" if gpus else "")
+            + f"; dtype {rec.get('dtype')}; vLLM {rec.get('vllm')}, pdbox {rec.get('pdbox')}")
+    loads = [f"{s.get('label')} {(s.get('load') or {}).get('during_1m_max')}"
+             for s in setups or [] if (s.get("load") or {}).get("during_1m_max") is not None]
+    if loads:
+        line += "; peak 1-min load " + ", ".join(loads)
+    return line
+
+
+# The flags a reader needs to place a figure: vector width, bf16/fp16 and matrix units.
+KEY_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "asimd", "sve",
+             "sve2", "bf16", "i8mm")
+
+
 class LoadTracker:
     """The 1/5/15-minute load average before a run and sampled during it.
 

@@ -89,3 +89,14 @@ def test_load_tracker_before_and_during() -> None:
     assert s["before"] == [4.0, 3.0, 2.0]
     assert (s["during_1m_min"], s["during_1m_mean"], s["during_1m_max"], s["samples"]) == (
         5.0, 6.0, 7.0, 3)
+
+
+def test_describe_names_the_machine_in_one_line() -> None:
+    from pdbox.bench.machine import describe
+
+    rec = {"cpu_model": "AMD EPYC 7B13", "arch": "x86_64", "cores_usable": 2,
+           "simd_flags": ["avx", "avx2", "fma", "sse4_2"], "gpus": [], "dtype": "float32",
+           "vllm": "0.32.0", "pdbox": "0.1.0"}
+    line = describe(rec, [{"label": "a", "load": {"during_1m_max": 2.5}}])
+    assert line.startswith("machine: AMD EPYC 7B13 (x86_64), 2 cores, avx2;")
+    assert "dtype float32" in line and "peak 1-min load a 2.5" in line
