@@ -41,6 +41,7 @@ from pdbox.router.tokenize import template_kwargs
 
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 CALIBRATION_OUTPUT_TOKENS = 64
+UPSTREAM_KEEPALIVE_S = 4.0
 BATCH_VLLM_PRIORITY = 10  # vLLM: lower value is served first
 
 
@@ -136,7 +137,12 @@ class Router:
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
+            # vLLM's server (uvicorn) closes a connection idle for 5 s
+            # (VLLM_HTTP_TIMEOUT_KEEP_ALIVE); aiohttp keeps one 15 s by default, and
+            # a request sent on it just as the server closes it fails with "Server
+            # disconnected". Closing ours first removes that race.
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None,
+                                           keepalive_timeout=UPSTREAM_KEEPALIVE_S),
             timeout=aiohttp.ClientTimeout(total=None),
             auto_decompress=False,
         )
@@ -548,12 +554,22 @@ class Router:
         strip_usage = stream and not wants_usage(body)
         sent = with_usage(body) if strip_usage else body
         leg_body = self.migrator.first_leg(sent, path)  # generated ids back for token-id prompts
-        try:
-            # Bytes: a str body costs aiohttp an extra payload wrapper per request.
-            upstream = await self.session.post(
-                f"{decode.url}{path}", data=json.dumps(decode_body(leg_body, kv_params)).encode(),
+        # Bytes: a str body costs aiohttp an extra payload wrapper per request.
+        data = json.dumps(decode_body(leg_body, kv_params)).encode()
+        session = self.session
+
+        async def send() -> aiohttp.ClientResponse:
+            return await session.post(
+                f"{decode.url}{path}", data=data,
                 headers={"Content-Type": "application/json", "X-Request-Id": request_id},
                 timeout=self._upstream_timeout)
+
+        try:
+            try:
+                upstream = await send()
+            except aiohttp.ServerDisconnectedError:
+                # A pooled connection the worker had just closed: one fresh try.
+                upstream = await send()
         except (TimeoutError, aiohttp.ClientError) as exc:
             if not last_try:
                 return None
