@@ -586,3 +586,55 @@ def test_session_affinity_via_header() -> None:
         assert len(set(a)) == 1 and len(set(b)) == 1
 
     run(check, TWO)
+
+
+def test_a_connection_the_worker_closed_is_tried_once_more() -> None:
+    """The one worker drops the first request's connection without answering, as
+    uvicorn does when its keep-alive ends just as a request is sent on it."""
+
+    async def go() -> None:
+        seen = 0
+
+        async def completions(request: web.Request) -> web.StreamResponse:
+            nonlocal seen
+            seen += 1
+            await request.read()
+            if seen == 1:
+                assert request.transport is not None
+                request.transport.close()
+                return web.Response()
+            return web.json_response({"choices": [{"text": "ok", "index": 0}],
+                                      "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+
+        worker = web.Application()
+        worker.router.add_post("/v1/completions", completions)
+        wrunner = web.AppRunner(worker, access_log=None)
+        await wrunner.setup()
+        wsite = web.TCPSite(wrunner, "127.0.0.1", 0)
+        await wsite.start()
+        wport = wsite._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        p = profile()
+        registry = Registry()
+        registry.upsert("aggregated-0", "aggregated", f"http://127.0.0.1:{wport}", "ready")
+        router = Router(p, registry, CharBlockTokenizer(), [p.model.served_name])
+        router.capacity_changed()
+        await router.start()
+        app = web.Application()
+        router.add_routes(app)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            async with aiohttp.ClientSession() as client, client.post(
+                    f"http://127.0.0.1:{port}/v1/completions", json=completion()) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["choices"][0]["text"] == "ok"
+            assert seen == 2
+        finally:
+            await runner.cleanup()
+            await router.close()
+            await wrunner.cleanup()
+
+    asyncio.run(go())
