@@ -25,13 +25,13 @@ import pytest
 
 from pdbox.router.metrics import sum_series
 from pdbox.workers.supervisor import group_running
-from tests.e2e.conftest import PROFILES, Pdbox, start_pdbox, stop_group
+from tests.e2e.conftest import PROFILES, Pdbox, slowness, start_pdbox, stop_group
 
 pytestmark = pytest.mark.e2e
 
 STREAMS = 24
 MAX_TOKENS = 64
-STREAM_TIMEOUT_S = 150.0  # a stream not ended by then counts as hung
+STREAM_TIMEOUT_S = 150.0  # a stream not ended by then counts as hung (stretched by slowness())
 TOPICS = ("rivers", "mountains", "the moon", "copper", "violins", "harbors", "gardens", "owls",
           "glaciers", "lanterns", "canyons", "meadows")
 
@@ -82,7 +82,7 @@ def box(request: pytest.FixtureRequest,
     # test here), and the autoscaler must not take a worker away meanwhile.
     text = (PROFILES / f"{name}.toml").read_text()
     text = text.replace(f'name = "{name}"', f'name = "{name}-migration"')
-    text = with_keys(text, "router", max_inflight_per_worker="16", request_timeout_s="120.0")
+    text = with_keys(text, "router", max_inflight_per_worker="16", request_timeout_s=f"{120.0 * slowness():.0f}")
     text = with_keys(text, "autoscaler", enabled="false")
     prof = tmp / f"{name}-migration.toml"
     prof.write_text(text)
@@ -102,8 +102,9 @@ def run_stream(box: Pdbox, s: Stream, started: threading.Event) -> None:
             "messages": [{"role": "user", "content":
                           f"Write a short poem about {TOPICS[s.index % len(TOPICS)]} "
                           f"(number {s.index})."}]}
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=STREAM_TIMEOUT_S)
-    deadline = time.monotonic() + STREAM_TIMEOUT_S
+    limit = STREAM_TIMEOUT_S * slowness()
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=limit)
+    deadline = time.monotonic() + limit
     try:
         conn.request("POST", f"{url.path}/chat/completions", body=json.dumps(body),
                      headers={"Content-Type": "application/json"})
@@ -171,7 +172,7 @@ def test_sigkill_of_a_worker_under_24_streams(box: Pdbox) -> None:
     os.kill(workers[victim]["pid"], signal.SIGKILL)
     t_kill = time.monotonic()
     for t in threads:
-        t.join(STREAM_TIMEOUT_S + 10)
+        t.join(STREAM_TIMEOUT_S * slowness() + 10)
     took = time.monotonic() - t0
 
     on_victim = [s for s in streams if s.worker == victim]
