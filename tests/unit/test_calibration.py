@@ -134,3 +134,23 @@ def test_the_calibrator_against_a_timed_server() -> None:
     assert c.decode_step_s[1] == pytest.approx(0.01, abs=0.006)
     assert c.decode_step_s[4] == pytest.approx(0.02, abs=0.008)
     assert c.took_s < 5
+
+
+def test_the_router_seeds_its_learners_from_a_calibration() -> None:
+    from pdbox import config
+    from pdbox.router.app import Router
+    from pdbox.router.backends import Registry
+    from pdbox.router.tokenize import CharBlockTokenizer
+
+    p = config.load("cpu-tiny")
+    r = Router(p, Registry(), CharBlockTokenizer(), ["smollm2"])
+    # A slow machine: 400 tokens/s, and a step past the ITL target from 5 streams on.
+    slow = cal(prefill_tps=400.0, decode_step_s={1: 0.1, 4: 0.22})
+    r.seed_calibration("prefill", slow, "1 core(s) · float32 · smollm2")
+    r.decider.set_slice("prefill-0", r._slice_key("prefill"))
+    assert r.decider.prefill_tps("prefill-0") == pytest.approx(400.0)
+    assert r.decider.prior_itl_s == 0.1
+    assert r.soft.settings.max_streams == 4  # 0.1 + 0.04 x 3 = 0.22 <= 0.25 < 0.26
+    assert r.admission.hold_estimate_s() == pytest.approx(
+        slow.request_s(p.router.pd_min_uncached_tokens, 64, r.admission.max_inflight))
+    assert r.snapshot()["calibration"]["1 core(s) · float32 · smollm2"]["prefill_tps"] == 400.0
