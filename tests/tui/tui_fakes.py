@@ -75,6 +75,13 @@ def busy_snapshot() -> dict[str, Any]:
             "kind": "cpu", "cpu_percent_per_core": [87.0, 93.5],
             "memory_used_bytes": 9.6 * 2**30, "memory_total_bytes": 24.0 * 2**30,
             "gpus": [], "mps": {"enabled": False, "running": False, "pipe_dir": None},
+            "dtype": {"dtype": "bfloat16", "requested": "auto",
+                      "reason": "this CPU does bf16 in hardware (amx_bf16, avx512_bf16)",
+                      "warning": ""},
+            "calibration": {"1 core(s) · bfloat16 · smollm2": {
+                "prefill_tps": 2021.9, "overhead_s": 0.061,
+                "decode_step_s": {"1": 0.0508, "4": 0.0541},
+                "prefill_points": [[16, 0.069], [1024, 0.56]], "took_s": 2.0}},
         },
         "events": [
             {"ts": T0 + 2, "kind": "worker", "message": "prefill-0 ready (35.2 s)"},
