@@ -6,8 +6,13 @@ Starts `backends` mock vLLM servers (pdbox.devtools.mock_openai, streaming
 - direct: the mocks themselves (the client spreads requests over them);
 - pdbox: `pdbox up --headless --attach URL ...` as a real process, with
   PDBOX_HOME in a temporary folder and a profile without KV events;
+- pdbox-features (with `guard`): the same, attached as one prefill and one
+  decode worker, with soft roles, KV events and stream migration on: the
+  fast path may not get its speed by turning features off;
 - sglang: `python -m sglang_router.launch_router --policy cache_aware`, run
   by `sglang_python` (skipped when not given or not importable there);
+- vllm-router: `vllm-router --policy cache_aware`, the executable
+  `vllm_router` (skipped when not given or not runnable);
 
 measures, with one aiohttp client process:
 
@@ -19,8 +24,8 @@ measures, with one aiohttp client process:
 Prompts share a few long prefixes (system prompts) with a unique question
 each, so the routers tokenize, hash and match real-sized prompts.
 
-Goal: pdbox adds no more p50 latency than sglang-router and passes at
-least as many requests/s.
+Goal (docs/ROUTER_BENCH.md): pdbox passes at least 1.5x the requests/s of
+the best peer and adds no more p50 latency than it, with no errors.
 """
 
 from __future__ import annotations
@@ -50,17 +55,20 @@ from pdbox.router.metrics import percentile
 @dataclass(frozen=True)
 class Params:
     backends: int = 2
-    tokens: int = 32
+    tokens: int = 16
     itl_ms: float = 1.0
     concurrency: int = 32
     requests: int = 2000  # throughput phase
     latency_requests: int = 300
     warmup: int = 50
     prefixes: int = 8  # distinct system prompts
-    prefix_chars: int = 2000
+    prefix_chars: int = 1800
     pdbox_policy: str = "prefix"
-    max_inflight: int = 256  # pdbox max_inflight_per_worker (sglang-router has no such cap)
+    # pdbox's max_inflight_per_worker; 0: what the workers report (their max_num_seqs)
+    max_inflight: int = 0
     sglang_python: str | None = None
+    vllm_router: str | None = None  # the vllm-router executable
+    guard: bool = False  # also measure pdbox with soft roles, KV events and migration on
     rounds: int = 3  # every target measured this many times, interleaved; medians reported
     skip_pdbox: bool = False
     pdbox_uvloop: bool = False
@@ -70,7 +78,7 @@ MODEL = "smollm2"
 
 PROFILE = """\
 # Attach-mode profile for the router-overhead benchmark: no KV events (no
-# workers publish them), admission wide enough not to cap the concurrency.
+# workers publish them); admission takes its limits from the workers.
 name = "bench-router"
 description = "router overhead benchmark"
 
@@ -84,25 +92,46 @@ block_size = 16
 device = "cpu"
 sharing = "cores"
 
-[mode]
-kind = "aggregated"
-
-[aggregated]
-replicas = {backends}
-min = 1
-max = {backends}
-cores = {cores}
-kv_cache_gib = 1.0
+{mode}
 
 [router]
 policy = "{policy}"
-kv_events = false
+kv_events = {kv_events}
+soft_roles = true
 queue_bound = 1024
 max_inflight_per_worker = {max_inflight}
 
 [autoscaler]
 enabled = false
 """
+
+
+AGGREGATED = """[mode]
+kind = "aggregated"
+
+[aggregated]
+replicas = {n}
+min = 1
+max = {n}
+cores = {cores}
+kv_cache_gib = 1.0"""
+
+PD = """[mode]
+kind = "pd"
+
+[prefill]
+replicas = 1
+min = 1
+max = 1
+cores = ["0"]
+kv_cache_gib = 1.0
+
+[decode]
+replicas = {n}
+min = 1
+max = {n}
+cores = {cores}
+kv_cache_gib = 1.0"""
 
 
 @dataclass
@@ -223,8 +252,10 @@ async def wait_http(url: str, timeout: float, proc: subprocess.Popen[Any] | None
 
 
 def make_payloads(n: int, prefixes: int, prefix_chars: int) -> list[bytes]:
-    systems = [(f"System prompt {k}: you are assistant number {k}. " * 200)[:prefix_chars]
-               for k in range(prefixes)]
+    systems = []
+    for k in range(prefixes):
+        line = f"System prompt {k}: you are assistant number {k}. "
+        systems.append((line * (prefix_chars // len(line) + 1))[:prefix_chars])
     out = []
     for i in range(n):
         body = {"model": MODEL, "stream": True, "max_tokens": 64,
@@ -321,28 +352,34 @@ async def start_mocks(procs: Procs, args: Params) -> list[tuple[str, int]]:
     return out
 
 
-async def start_pdbox(procs: Procs, args: Params, mocks: list[str],
-                      tmp: Path) -> tuple[str, subprocess.Popen[Any]]:
-    prof = tmp / "bench-router.toml"
-    prof.write_text(PROFILE.format(model=MODEL, backends=len(mocks), policy=args.pdbox_policy,
+async def start_pdbox(procs: Procs, args: Params, mocks: list[str], tmp: Path,
+                      features: bool = False) -> tuple[str, subprocess.Popen[Any]]:
+    """pdbox attached to the mocks; with `features`, the first mock is a prefill
+    worker and the rest decode workers, with soft roles, KV events and migration on."""
+    name = "bench-router-features" if features else "bench-router"
+    prof = tmp / f"{name}.toml"
+    n = len(mocks) - 1 if features else len(mocks)
+    mode = (PD if features else AGGREGATED).format(n=n, cores=json.dumps(["0"] * n))
+    prof.write_text(PROFILE.format(model=MODEL, mode=mode, policy=args.pdbox_policy,
                                    max_inflight=args.max_inflight,
-                                   cores=json.dumps(["0"] * len(mocks))))
-    env = dict(os.environ, PDBOX_HOME=str(tmp / "pdbox-home"))
+                                   kv_events=str(features).lower()))
+    env = dict(os.environ, PDBOX_HOME=str(tmp / f"{name}-home"))
     port = free_port()
     cmd = [sys.executable, "-m", "pdbox.cli"]
     if args.pdbox_uvloop:  # what running `pdbox up` on uvloop would give
         cmd = [sys.executable, "-c", "import sys, uvloop; uvloop.install(); "
                "from pdbox.cli import main; sys.argv[0] = 'pdbox'; main()"]
     cmd += ["up", "--headless", "--profile", str(prof), "--port", str(port)]
-    for u in mocks:
-        cmd += ["--attach", u]
+    for i, u in enumerate(mocks):
+        cmd += ["--attach", (("prefill=" if i == 0 else "decode=") if features else "") + u]
     _progress("starting " + " ".join(cmd))
-    p = procs.start(cmd, env=env, log=tmp / "pdbox.log")
+    log = tmp / f"{name}.log"
+    p = procs.start(cmd, env=env, log=log)
     base = f"http://127.0.0.1:{port}"
     try:
         await wait_http(f"{base}/health", 60, p)
     except RuntimeError:
-        _progress("pdbox log:\n" + (tmp / "pdbox.log").read_text(errors="replace")[-2000:])
+        _progress("pdbox log:\n" + log.read_text(errors="replace")[-2000:])
         raise
     return base, p
 
@@ -359,6 +396,31 @@ async def start_sglang(procs: Procs, args: Params, mocks: list[str],
     probe = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     await wait_http(f"{base}/v1/chat/completions", 90, p, body=probe)
     return base, p
+
+
+async def start_vllm_router(procs: Procs, args: Params, mocks: list[str],
+                            tmp: Path) -> tuple[str, subprocess.Popen[Any]]:
+    assert args.vllm_router is not None
+    port = free_port()
+    cmd = [args.vllm_router, "--host", "127.0.0.1", "--port", str(port), "--worker-urls",
+           *mocks, "--policy", "cache_aware", "--log-level", "warning"]
+    _progress("starting " + " ".join(cmd))
+    p = procs.start(cmd, log=tmp / "vllm-router.log")
+    base = f"http://127.0.0.1:{port}"
+    probe = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    await wait_http(f"{base}/v1/chat/completions", 90, p, body=probe)
+    return base, p
+
+
+def vllm_router_usable(exe: str | None) -> str | None:
+    """None if usable, else why not."""
+    if not exe:
+        return "no --vllm-router given"
+    try:
+        subprocess.run([exe, "--help"], check=True, capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return f"{exe} does not run (pip install vllm-router in a virtualenv; give its bin/vllm-router)"
+    return None
 
 
 def sglang_usable(python: str | None) -> str | None:
@@ -393,6 +455,9 @@ async def main_async(args: Params) -> dict[str, Any]:
         if not args.skip_pdbox:
             base, p = await start_pdbox(procs, args, urls, tmp)
             targets["pdbox"] = ([base + path], {"router": p.pid, **watch})
+            if args.guard and len(urls) > 1:
+                base, p = await start_pdbox(procs, args, urls, tmp, features=True)
+                targets["pdbox-features"] = ([base + path], {"router": p.pid, **watch})
         why = sglang_usable(args.sglang_python)
         if why is None:
             base, p = await start_sglang(procs, args, urls, tmp)
@@ -400,6 +465,13 @@ async def main_async(args: Params) -> dict[str, Any]:
         else:
             results["sglang_skipped"] = why
             _progress(f"sglang-router skipped: {why}")
+        why = vllm_router_usable(args.vllm_router)
+        if why is None:
+            base, p = await start_vllm_router(procs, args, urls, tmp)
+            targets["vllm-router"] = ([base + path], {"router": p.pid, **watch})
+        else:
+            results["vllm_router_skipped"] = why
+            _progress(f"vllm-router skipped: {why}")
         rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
         for i in range(args.rounds):
             for name, (turls, twatch) in targets.items():
@@ -423,9 +495,36 @@ def run(params: Params) -> dict[str, Any]:
         results = uvloop.run(main_async(params))
     except ImportError:
         results = asyncio.run(main_async(params))
-    results["added"] = {n: added(results, n) for n in ("pdbox", "sglang") if n in results}
-    a_p, a_s = results["added"].get("pdbox"), results["added"].get("sglang")
-    if a_p and a_s:
-        results["goal_met"] = (a_p["latency_e2e_p50_ms"] <= a_s["latency_e2e_p50_ms"] + 0.05
-                               and a_p["rps"] >= a_s["rps"])
+    results["added"] = {n: added(results, n) for n in ROUTERS if n in results}
+    results.update(goals(results))
     return results
+
+
+ROUTERS = ("pdbox", "pdbox-features", "sglang", "vllm-router")
+PEERS = ("sglang", "vllm-router")
+RPS_GOAL = 1.5  # pdbox's requests/s over the best peer's
+
+
+def goals(results: dict[str, Any]) -> dict[str, Any]:
+    """Each pdbox target against the best peer: requests/s ratio, p50 added, errors."""
+    added_ = results["added"]
+    peers = [added_[n] | {"name": n} for n in PEERS if added_.get(n)]
+    if not peers:
+        return {}
+    best = max(peers, key=lambda a: a["rps"] or 0)
+    out: dict[str, Any] = {"best_peer": best["name"]}
+    for name in ("pdbox", "pdbox-features"):
+        a = added_.get(name)
+        if not a:
+            continue
+        ratio = round(a["rps"] / best["rps"], 2) if a["rps"] and best["rps"] else None
+        p50_ok = a["latency_e2e_p50_ms"] <= min(p["latency_e2e_p50_ms"] for p in peers) + 0.05
+        errors = sum(results[name][ph]["errors"] for ph in ("latency", "throughput"))
+        out[f"{name}_goal"] = {"rps_ratio": ratio, "p50_added_ms": a["latency_e2e_p50_ms"],
+                     "best_peer_p50_added_ms": min(p["latency_e2e_p50_ms"] for p in peers),
+                     "errors": errors,
+                     "met": bool(ratio is not None and ratio >= RPS_GOAL and p50_ok
+                                 and errors == 0)}
+    if "pdbox_goal" in out:
+        out["goal_met"] = out["pdbox_goal"]["met"]
+    return out
