@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from pdbox.config import Profile
+from pdbox.hardware.dtype import resolve as resolve_dtype
 from pdbox.plan.build import Plan, PlanError, build_plan
 from pdbox.plan.model_facts import FactsError, ModelFacts
 from pdbox.plan.sources import facts_for_source
@@ -94,6 +95,9 @@ def make_plan(
     size (else NVML, else the card the profile names). Raises PlanError when
     the model's facts cannot be had on a GPU profile, where the memory plan
     is what makes the workers start at all."""
+    # The dtype the workers will run in here: "auto" is settled by the CPU's
+    # flags (or left to vLLM on a GPU), as `pdbox up` settles it.
+    profile, dtype_choice = resolve_dtype(profile)
     source = model or profile.model.source
     served = served_name_for(profile, model)
     if source != profile.model.source or served != profile.model.served_name:
@@ -121,4 +125,7 @@ def make_plan(
     if facts is not None and facts.facts_from:
         plan.notes.append(f"model facts of {facts.name} from {facts.facts_from}: its "
                           "config.json is not in the local Hugging Face cache")
+    plan.notes.append(f"dtype {dtype_choice.dtype}: {dtype_choice.reason}")
+    if dtype_choice.warning:
+        plan.notes.append(f"warning: {dtype_choice.warning}")
     return plan

@@ -130,6 +130,11 @@ def facts_from_config(
             source = "config.json"
         else:
             source = "safetensors"
+            stored = str(cfg.get("torch_dtype") or cfg.get("dtype") or facts_dtype)
+            if stored in DTYPE_BYTES and stored != facts_dtype:
+                # vLLM casts at load: a bf16 folder served in float32 takes twice its files.
+                weights_bytes = weights_bytes * DTYPE_BYTES[facts_dtype] // DTYPE_BYTES[stored]
+                source = f"safetensors, {stored} cast to {facts_dtype}"
         return ModelFacts(
             name=name,
             model_type=str(cfg.get("model_type", "")),

@@ -438,3 +438,26 @@ def test_derived_served_names_are_valid_names(source: str, name: str) -> None:
     text = (config.BUILTIN_DIR / "cpu-tiny.toml").read_text().replace(
         'served_name = "smollm2"', f'served_name = "{name}"')
     assert config.load_text(text, "p.toml").model.served_name == name
+
+
+def test_a_bf16_folder_served_in_float32_weighs_twice_its_files() -> None:
+    cfg = json.loads((FIXTURES / "smollm2-135m-instruct" / "config.json").read_text())
+    as_is = facts_from_config(cfg, "smollm2", weights_bytes=1000, dtype="bfloat16")
+    cast = facts_from_config(cfg, "smollm2", weights_bytes=1000, dtype="float32")
+    assert as_is.weights_bytes == 1000 and as_is.weights_from == "safetensors"
+    assert cast.weights_bytes == 2000 and cast.weights_from == "safetensors, bfloat16 cast to float32"
+    assert cast.kv_bytes_per_token() == 2 * as_is.kv_bytes_per_token()
+
+
+def test_the_plan_settles_auto_as_pdbox_up_does(monkeypatch) -> None:
+    from pdbox.hardware import dtype as dtype_mod
+    from pdbox.hardware.cpuinfo import parse_cpuinfo
+
+    avx2 = parse_cpuinfo((Path(__file__).resolve().parents[1] / "fixtures" / "cpuinfo"
+                          / "amd-epyc-avx2.txt").read_text(), "x86_64")
+    monkeypatch.setattr(dtype_mod, "this_cpu", lambda: avx2)
+    res = CliRunner().invoke(main, ["plan", "--profile", "cpu-tiny", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert any(n.startswith("dtype float32: this CPU has no native bf16") for n in data["notes"])
+    assert all("--dtype float32" in " ".join(w["argv"]) for w in data["workers"])
