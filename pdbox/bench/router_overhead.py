@@ -402,8 +402,10 @@ async def start_vllm_router(procs: Procs, args: Params, mocks: list[str],
                             tmp: Path) -> tuple[str, subprocess.Popen[Any]]:
     assert args.vllm_router is not None
     port = free_port()
+    # Its Prometheus exporter defaults to the port sglang-router's takes: one of its own.
     cmd = [args.vllm_router, "--host", "127.0.0.1", "--port", str(port), "--worker-urls",
-           *mocks, "--policy", "cache_aware", "--log-level", "warning"]
+           *mocks, "--policy", "cache_aware", "--log-level", "warning",
+           "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
     _progress("starting " + " ".join(cmd))
     p = procs.start(cmd, log=tmp / "vllm-router.log")
     base = f"http://127.0.0.1:{port}"

@@ -51,6 +51,9 @@ MAX_MOVES = 3  # continuations per stream: a request that kills every worker sto
 POLL_S = 0.25
 KEEPALIVE_S = 5.0
 KEEPALIVE = b": pdbox: continuing this stream on another worker\n\n"
+# First-leg events kept unparsed up to this many bytes; past it they are read (Splice).
+UNREAD_BYTES = 64 * 1024
+_decode = json.JSONDecoder().raw_decode  # a str without the bytes sniffing of json.loads
 COMING_STATES = ("starting", "warming", "restarting")
 
 
@@ -128,19 +131,24 @@ class Splice:
     that dies mid-event leaves nothing broken behind), later legs' rewritten
     to the first leg's id, created and model, without their role chunk, and
     with usage covering the whole answer.
+
+    The first leg's events are only read when something asks (a failure, the
+    stall check's first token): most streams never fail, so their events are
+    kept as bytes and parsed on demand (`_catch_up`), in order, never twice.
+    Only an event that may be an error event is parsed at once.
     """
 
     def __init__(self, body: dict[str, Any], kind: str, prompt_tokens: int) -> None:
         self.body = body
         self.kind = kind
-        self.prompt_tokens = prompt_tokens  # the router's count of the original prompt
+        self._prompt_tokens = prompt_tokens  # the router's count of the original prompt
         self.strip_ids = kind == "completions" and not body.get("return_token_ids") \
             and upstream_body(body, kind) is not body
         opts = body.get("stream_options")
         self.want_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
         self.leg = 0
-        self.tokens = 0  # tokens relayed, all legs
-        self.text: list[str] = []
+        self._tokens = 0  # tokens relayed, all legs
+        self._text: list[str] = []
         self.token_ids: list[int] = []
         self.ids_complete = True  # every token event so far carried its ids
         self.ident: dict[str, Any] = {}  # id, object, created, model of the first event
@@ -151,20 +159,82 @@ class Splice:
         self.unsupported: str | None = None  # seen in the stream: tool calls, reasoning
         self._base = 0  # tokens relayed before this leg
         self._buf = b""
+        self._unread: list[bytes] = []  # first-leg events relayed, not parsed yet
+        self._unread_bytes = 0
+        self._started = False  # a token was relayed
 
     # ------------------------------------------------------------ relaying
 
     def feed(self, data: bytes) -> bytes:
         """Complete events to write for `data`; raises UpstreamError on an error event."""
-        self._buf += data
-        if b"\n\n" not in self._buf:
+        buf = self._buf + data if self._buf else data
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n")
+        if b"\n\n" not in buf:
+            self._buf = buf
             return b""
-        *blocks, self._buf = self._buf.replace(b"\r\n", b"\n").split(b"\n\n")
+        *blocks, self._buf = buf.split(b"\n\n")
+        if self.leg == 0 and not self.strip_ids:
+            return self._keep(blocks)
         out = bytearray()
         for block in blocks:
             if block:
                 out += self._event(block)
         return bytes(out)
+
+    def _keep(self, blocks: list[bytes]) -> bytes:
+        """First-leg events, passed on unchanged and parsed later (see the class)."""
+        out = bytearray()
+        for block in blocks:
+            if not block:
+                continue
+            if b'"error"' in block:  # a key (a value's quotes would be escaped): read it now
+                self._catch_up()
+                out += self._event(block)
+            elif block.startswith(b"data:") and block[5:].strip() == b"[DONE]":
+                if not self.done:
+                    self.done = True
+                    out += b"data: [DONE]\n\n"
+            else:
+                self._unread.append(block)
+                self._unread_bytes += len(block)
+                out += block + b"\n\n"
+        if self._unread_bytes > UNREAD_BYTES:  # a long answer: bound what is kept as bytes
+            self._catch_up()
+        return bytes(out)
+
+    def _catch_up(self) -> None:
+        """Parse the first-leg events kept as bytes, in order."""
+        unread, self._unread, self._unread_bytes = self._unread, [], 0
+        for block in unread:
+            try:
+                self._event(block)
+            except UpstreamError:  # passed on already; a malformed event counts for nothing
+                pass
+
+    @property
+    def tokens(self) -> int:
+        """Tokens relayed, all legs."""
+        self._catch_up()
+        return self._tokens
+
+    @property
+    def text(self) -> list[str]:
+        self._catch_up()
+        return self._text
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The router's count of the prompt, or the worker's own once its usage came."""
+        self._catch_up()
+        return self._prompt_tokens
+
+    @property
+    def started(self) -> bool:
+        """A token was relayed (cheap once true: the stall check asks on every read)."""
+        if not self._started:
+            self._started = self.tokens > 0
+        return self._started
 
     def _event(self, block: bytes) -> bytes:
         if not block.startswith(b"data:"):
@@ -176,7 +246,7 @@ class Splice:
             self.done = True
             return b"data: [DONE]\n\n"
         try:
-            ev = json.loads(payload)
+            ev = _decode(payload.decode())[0]
         except ValueError:
             raise UpstreamError("the worker sent a malformed event") from None
         if not isinstance(ev, dict):
@@ -205,7 +275,7 @@ class Splice:
             if not choices:
                 self.usage_sent = True
             if self.leg == 0 and isinstance(usage.get("prompt_tokens"), int):
-                self.prompt_tokens = usage["prompt_tokens"]  # the worker's own count: exact
+                self._prompt_tokens = usage["prompt_tokens"]  # the worker's own count: exact
             if changed:
                 ev["usage"] = self._usage(usage.get("completion_tokens"), usage)
         if not changed:
@@ -240,19 +310,19 @@ class Splice:
             self.ids_complete = False
             n = 1
         if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-            self.tokens = self._base + usage["completion_tokens"]  # continuous usage: exact
+            self._tokens = self._base + usage["completion_tokens"]  # continuous usage: exact
         else:
-            self.tokens += n
+            self._tokens += n
         if isinstance(piece, str):
-            self.text.append(piece)
+            self._text.append(piece)
         if c.get("finish_reason") is not None:
             self.finish_reason = c["finish_reason"]
         return True
 
     def _usage(self, leg_completion: Any, raw: dict[str, Any] | None = None) -> dict[str, Any]:
-        done = self._base + leg_completion if isinstance(leg_completion, int) else self.tokens
-        u: dict[str, Any] = {"prompt_tokens": self.prompt_tokens,
-                             "total_tokens": self.prompt_tokens + done,
+        done = self._base + leg_completion if isinstance(leg_completion, int) else self._tokens
+        u: dict[str, Any] = {"prompt_tokens": self._prompt_tokens,
+                             "total_tokens": self._prompt_tokens + done,
                              "completion_tokens": done}
         if raw and "prompt_tokens_details" in raw:
             u["prompt_tokens_details"] = None  # the continuation's cache figures would mislead
@@ -262,10 +332,12 @@ class Splice:
 
     @property
     def finished(self) -> bool:
+        self._catch_up()
         return self.finish_reason is not None
 
     def begin_leg(self) -> None:
         """The current leg failed: drop its half event, count from here on."""
+        self._catch_up()
         self._buf = b""
         self.leg += 1
         self._base = self.tokens
@@ -284,6 +356,7 @@ class Splice:
 
     def why_not(self) -> str | None:
         """Why what was relayed cannot be continued, or None."""
+        self._catch_up()
         if self.unsupported:
             return self.unsupported
         if self.kind == "completions" and _is_ids(self.body.get("prompt")) and self.tokens \
@@ -293,6 +366,7 @@ class Splice:
 
     def continuation(self) -> dict[str, Any] | None:
         """The request that produces the rest of the answer; None when nothing is owed."""
+        self._catch_up()
         rem = self.remaining()
         if rem == 0:
             return None
@@ -331,6 +405,7 @@ class Splice:
     def closing(self) -> bytes:
         """What ends a stream whose last token was relayed but whose tail was lost
         (or which owes no more tokens): the finish chunk if missing, usage, [DONE]."""
+        self._catch_up()
         out = bytearray()
         base = {**self.ident} or {"id": "pdbox-migrated", "created": int(time.time()),
                                   "model": self.body.get("model")}
@@ -452,7 +527,7 @@ class MigratingStream:
                     self._last_keepalive = self.m.clock()
                     return KEEPALIVE
                 continue
-            stall = self.m.settings.stall_s if self.splice.tokens else None
+            stall = self.m.settings.stall_s if self.splice.started else None
             try:
                 chunk = await asyncio.wait_for(self.upstream.content.readany(), stall)
             except TimeoutError:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+_decode = json.JSONDecoder().raw_decode  # a str without the bytes sniffing of json.loads
 
 
 @dataclass
@@ -61,6 +62,13 @@ def choice_tokens(choice: Any) -> int:
 
 
 class SseMeter:
+    """Splits a stream into whole events and counts their tokens, one parse per event.
+
+    The common case (events ending in a blank line, no carriage returns) is
+    split with one `rfind` and one `split`, and forwarded without a copy when
+    nothing is dropped; anything else takes the general path.
+    """
+
     def __init__(self, strip_usage: bool = False) -> None:
         self.strip_usage = strip_usage
         self.tokens = 0  # token events counted so far
@@ -69,18 +77,42 @@ class SseMeter:
         self._buf = b""
 
     def feed(self, chunk: bytes) -> Read:
-        self._buf += chunk
+        buf = self._buf + chunk if self._buf else chunk
+        if b"\r" in buf:
+            return self._feed_any(buf)
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            self._buf = buf
+            return Read(b"", 0)
+        whole, self._buf = buf[:end + 2], buf[end + 2:]
+        events = whole.split(b"\n\n")
+        events.pop()  # the empty tail after the last blank line
+        tokens = 0
+        kept: list[bytes] | None = None  # set once an event is dropped
+        for i, event in enumerate(events):
+            n, keep = self._event(event)
+            tokens += n
+            if not keep and kept is None:
+                kept = events[:i]
+            elif keep and kept is not None:
+                kept.append(event)
+        if kept is not None:
+            whole = b"".join(e + b"\n\n" for e in kept)
+        self.tokens += tokens
+        return Read(whole, tokens)
+
+    def _feed_any(self, buf: bytes) -> Read:
         out: list[bytes] = []
         tokens = 0
         start = 0
-        for m in _EVENT_END.finditer(self._buf):
-            event = self._buf[start:m.end()]
+        for m in _EVENT_END.finditer(buf):
+            event = buf[start:m.end()]
             start = m.end()
             n, keep = self._event(event)
             tokens += n
             if keep:
                 out.append(event)
-        self._buf = self._buf[start:]
+        self._buf = buf[start:]
         self.tokens += tokens
         return Read(b"".join(out), tokens)
 
@@ -95,15 +127,8 @@ class SseMeter:
         return self.usage_tokens if self.usage_tokens is not None else self.tokens
 
     def _event(self, event: bytes) -> tuple[int, bool]:
-        data = b"".join(line[5:].lstrip(b" ") for line in event.splitlines()
-                        if line.startswith(b"data:"))
-        if not data or data == b"[DONE]":
-            return 0, True
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            return 0, True
-        if not isinstance(obj, dict):
+        obj = self._parse(event)
+        if obj is None:
             return 0, True
         choices = obj.get("choices")
         usage = obj.get("usage")
@@ -116,3 +141,22 @@ class SseMeter:
         if not isinstance(choices, list):
             return 0, True
         return sum(choice_tokens(c) for c in choices), True
+
+    @staticmethod
+    def _parse(event: bytes) -> dict[str, Any] | None:
+        """The event's JSON object, or None ([DONE], a comment, not JSON)."""
+        if event.startswith(b"data:") and b"\n" not in event.rstrip(b"\r\n"):
+            data = event[5:]
+        else:
+            data = b"".join(line[5:] for line in event.splitlines() if line.startswith(b"data:"))
+        try:
+            text = data.decode().strip()
+        except UnicodeDecodeError:
+            return None
+        if not text or text == "[DONE]":
+            return None
+        try:
+            obj = _decode(text)[0]
+        except ValueError:
+            return None
+        return obj if isinstance(obj, dict) else None

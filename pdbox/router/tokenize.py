@@ -258,11 +258,23 @@ class CharBlockTokenizer:
         return {"source": "characters"}
 
     def render_chat(self, messages: Sequence[Message], **extra: Any) -> str:
+        return "".join(self.render_pieces(messages, **extra))
+
+    def render_pieces(self, messages: Sequence[Message], **extra: Any) -> list[str]:
+        """The rendered chat, one piece per message, the tools with the first.
+
+        The pieces concatenate to `render_chat`; the router hashes the first
+        piece (usually a shared system prompt) once and reuses it.
+        """
         # Tools are part of the real prompt, so they are part of this stand-in too.
         tools = extra.get("tools")
         head = f"<|tools|>{json.dumps(tools, sort_keys=True)}\n" if tools else ""
-        return head + "".join(f"<|{m.get('role', '')}|>{_text_of(m.get('content')) or ''}\n"
-                              for m in messages)
+        out = [f"<|{m.get('role', '')}|>{_text_of(m.get('content')) or ''}\n" for m in messages]
+        if out:
+            out[0] = head + out[0]
+        elif head:
+            out.append(head)
+        return out
 
     def encode_chat(self, messages: Sequence[Message], **extra: Any) -> list[int]:
         return self.encode_prompt(self.render_chat(messages, **extra))

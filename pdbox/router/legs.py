@@ -1,0 +1,176 @@
+"""Stage 5, legs: the prefill leg (remote P/D) and the decode leg, over HTTP.
+
+Each leg keeps the books the other stages read while it is open: in-flight
+counts (the picker's load), soft roles' prefilling and whole streams, the
+decider's prefill backlog, and the KV events a prefill makes due. A decode
+leg whose pooled connection the worker had just closed is sent once more;
+any other failure before the answer's first byte goes back to the caller,
+which tries another worker once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import aiohttp
+
+from pdbox.router.choose import Route
+from pdbox.router.match import PrefixMatch
+from pdbox.router.metrics import RouterMetrics
+from pdbox.router.migration import Migrator
+from pdbox.router.parse import Call
+from pdbox.router.pd import PrefillFailed, decode_body, prefill_leg
+from pdbox.router.policy import PDDecider
+from pdbox.router.prompt import Prompt
+from pdbox.router.record import Decision
+from pdbox.router.soft_roles import SoftRoles
+from pdbox.router.sse_meter import wants_usage, with_usage
+
+
+class Legs:
+    def __init__(self, match: PrefixMatch, decider: PDDecider, soft: SoftRoles,
+                 metrics: RouterMetrics, migrator: Migrator, prefill_timeout_s: float,
+                 upstream_timeout: aiohttp.ClientTimeout,
+                 events: Callable[[str, str], None] | None) -> None:
+        self.match = match
+        self.decider = decider
+        self.soft = soft
+        self.metrics = metrics
+        self.migrator = migrator
+        self.prefill_timeout_s = prefill_timeout_s
+        self.timeout = upstream_timeout
+        self.events = events
+        self.session: aiohttp.ClientSession | None = None
+        # decode worker -> remote (KV-pulling) requests open on it; and the workers that
+        # had one since the decider last learnt from their engine figures (status.py)
+        self.kv_pulls: dict[str, int] = {}
+        self.kv_pulled: set[str] = set()
+
+    # -------------------------------------------------------------- prefill
+
+    async def prefill(self, call: Call, prompt: Prompt, route: Route) -> None:
+        """Leg 1 of a remote route: the prefill worker computes the prompt's KV.
+
+        On failure the route falls back to a local prefill, and says why.
+        """
+        prefill = route.prefill
+        assert prefill is not None and self.session is not None
+        rid = call.request_id
+        prefill.inflight += 1
+        self.soft.leg_started(prefill.id)
+        # The decider times the leg net of the prefills already queued there.
+        sent = time.monotonic()
+        self.decider.prefill_sent(prefill.id, rid, route.uncached, sent)
+        ok = False
+        try:
+            route.kv_params = await prefill_leg(self.session, prefill.url, call.path, call.body,
+                                                rid, self.prefill_timeout_s)
+            ok = True
+            self.metrics.routed.inc(worker=prefill.id, leg="prefill")
+            self.match.record(prefill.id, prompt.hashes)
+            self.match.sent(rid, prefill.id, prompt.hashes, sent)
+            self.match.blocks_cached(rid)
+        except PrefillFailed as exc:
+            self.metrics.fallbacks.inc(cause=_cause(str(exc)))
+            route.pd, route.prefill = "local", None
+            route.reason = f"local (fallback): {exc}"
+            if self.events:
+                self.events("router", f"{rid}: prefill on {prefill.id} failed, "
+                            f"decoding locally: {exc}")
+        finally:
+            prefill.inflight -= 1
+            self.soft.leg_ended(prefill.id, time.monotonic())
+            self.decider.prefill_done(prefill.id, rid, time.monotonic(), ok)
+
+    # --------------------------------------------------------------- decode
+
+    def decision(self, call: Call, prompt: Prompt, route: Route) -> Decision:
+        """The route as the decision log and the answer's headers tell it."""
+        self.metrics.pd.inc(path=route.pd)
+        prefill_id = route.prefill.id if route.prefill is not None else None
+        route.headers = {
+            "x-request-id": call.request_id,
+            "x-pdbox-decode-worker": route.decode.id,
+            "x-pdbox-pd": route.pd,
+            "x-pdbox-pd-reason": _header_safe(route.reason),
+        }
+        if prefill_id:
+            route.headers["x-pdbox-prefill-worker"] = prefill_id
+        return Decision(call.request_id, route.decode.id, prefill_id, route.pd, route.reason,
+                        prompt.tokens, route.matched_tokens)
+
+    @contextmanager
+    def open(self, call: Call, prompt: Prompt, route: Route) -> Iterator[None]:
+        """The books of a decode leg, from before it is sent until its answer ends."""
+        decode, rid = route.decode, call.request_id
+        if route.pd == "local":
+            # Its first token ends the prefill on the decode worker (relay.py).
+            self.decider.prefill_sent(decode.id, rid, route.uncached, time.monotonic(),
+                                      local=True)
+        decode.inflight += 1
+        decode.routed += 1
+        whole = route.pd == "whole"
+        if whole:
+            self.soft.whole_started(decode.id)
+        self.match.sent(rid, decode.id, prompt.hashes, time.monotonic())
+        pulling = route.kv_params is not None
+        if pulling:
+            self.kv_pulls[decode.id] = self.kv_pulls.get(decode.id, 0) + 1
+            self.kv_pulled.add(decode.id)
+        try:
+            yield
+        finally:
+            decode.inflight -= 1
+            if whole:
+                self.soft.whole_ended(decode.id)
+            # No first token seen (failed, client left): end its backlog entry unlearnt.
+            self.decider.prefill_done(decode.id, rid, time.monotonic(), ok=False)
+            self.match.done(rid)
+            if pulling:
+                self.kv_pulls[decode.id] -= 1
+
+    def upstream_body(self, call: Call) -> tuple[dict[str, Any], dict[str, Any], bool]:
+        """(the request as the client's stream sees it, the decode leg's body, whether
+        to drop the usage chunk).
+
+        A stream's usage chunk is its exact token count: it is asked for, and
+        dropped again on the way back when the client did not ask (relay.py).
+        """
+        strip_usage = call.stream and not wants_usage(call.body)
+        sent = with_usage(call.body) if strip_usage else call.body
+        # generated ids back for token-id prompts, so a moved stream continues exactly
+        return sent, self.migrator.first_leg(sent, call.path), strip_usage
+
+    async def send_decode(self, call: Call, route: Route,
+                          body: dict[str, Any]) -> aiohttp.ClientResponse:
+        """Leg 2 (or the only leg); raises TimeoutError or aiohttp.ClientError."""
+        assert self.session is not None
+        # Bytes: a str body costs aiohttp an extra payload wrapper per request.
+        data = json.dumps(decode_body(body, route.kv_params)).encode()
+        url = f"{route.decode.url}{call.path}"
+        headers = {"Content-Type": "application/json", "X-Request-Id": call.request_id}
+        try:
+            return await self.session.post(url, data=data, headers=headers,
+                                           timeout=self.timeout)
+        except aiohttp.ServerDisconnectedError:
+            # A pooled connection the worker had just closed: one fresh try.
+            return await self.session.post(url, data=data, headers=headers,
+                                           timeout=self.timeout)
+
+
+def _header_safe(text: str) -> str:
+    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:300]
+
+
+def _cause(message: str) -> str:
+    if "timed out" in message:
+        return "timeout"
+    if "unreachable" in message:
+        return "unreachable"
+    if "answered" in message:
+        return "error"
+    return "invalid"
