@@ -43,9 +43,6 @@ def test_burst_scales_decode_up_then_drains_back(pdbox_factory, tmp_path):
         **{"decode.max_num_seqs": "2", "autoscaler.period_s": "2.0",
            "autoscaler.scale_down_window_s": "20.0", "autoscaler.target_queue_per_worker": "1.0",
            "router.pd_decider": '"threshold"'})
-    # profile_variant only replaces keys present in the file; add the new ones.
-    text = prof.read_text().replace("[decode]\n", "[decode]\nmax_num_seqs = 2\n")
-    prof.write_text(text)
     box = pdbox_factory(["--profile", str(prof)])
     results: list = []
     lock = threading.Lock()
