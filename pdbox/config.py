@@ -139,7 +139,8 @@ class RouterConfig:
     # Approximate index bound, in blocks per worker.
     index_blocks_per_worker: int = 4096
     queue_bound: int = 64
-    max_inflight_per_worker: int = 8
+    # 0: as many as each worker reports it runs (pdbox/router/admit.py); N: a fixed cap
+    max_inflight_per_worker: int = 0
     max_body_bytes: int = 8 * 1024 * 1024
     request_timeout_s: float = 300.0
     prefill_timeout_s: float = 60.0
@@ -540,6 +541,9 @@ def validate(p: Profile, ld: _Loader | None = None) -> None:
         raise fail("router.soft_roles_hold_s", "must not be negative")
     if r.queue_bound < 1:
         raise fail("router.queue_bound", "must be at least 1")
+    if r.max_inflight_per_worker < 0:
+        raise fail("router.max_inflight_per_worker",
+                   "must not be negative (0: as many as each worker reports it runs)")
     if r.max_body_bytes < 1024:
         raise fail("router.max_body_bytes", "must be at least 1024")
     for wk in ("prefix", "queue", "kv"):

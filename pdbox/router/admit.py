@@ -2,6 +2,17 @@
 
 The queue itself (priority, aging, the TTFT rule, Retry-After) is
 admission.py; this stage sizes it from the workers and answers the client.
+
+How many requests a worker takes at once is what the worker reports: vLLM
+runs up to its `max_num_seqs` and queues the rest, and its /metrics say how
+many run and how many wait. A worker seen with a waiting queue was full at
+its running count (`Backend.max_running`); one never seen full is assumed to
+take `UNREPORTED_SLOTS`, vLLM's default max_num_seqs on a GPU: guessing high
+corrects itself (the worker queues, reports it, and the guess becomes its
+running count), guessing low never would (it would never fill). This is
+`router.max_inflight_per_worker = 0`, the default; a profile's number above 0
+is a fixed cap per worker instead (the 2-core CPU profiles keep 8, so that
+requests wait in the router's fair queue rather than in vLLM's).
 """
 
 from __future__ import annotations
@@ -28,15 +39,29 @@ class Refused(Exception):
         self.response = response
 
 
+UNREPORTED_SLOTS = 256  # vLLM's default max_num_seqs on a GPU (128 on a CPU)
+
+
+def worker_slots(b: Backend) -> int:
+    """Requests a worker takes at once, as it reported (see the module)."""
+    return b.max_running or UNREPORTED_SLOTS
+
+
 class AdmitStage:
     def __init__(self, admission: Admission, metrics: RouterMetrics, per_worker: int,
                  serving: Callable[[], list[Backend]]) -> None:
         self.admission = admission
         self.metrics = metrics
-        self.per_worker = per_worker
+        self.per_worker = per_worker  # the profile's cap; 0: what the workers report
+        self.from_workers = per_worker <= 0
         self.serving = serving  # workers that may serve a request now
 
+    def slots(self, b: Backend) -> int:
+        return worker_slots(b) if self.from_workers else self.per_worker
+
     async def acquire(self, call: Call, prompt: Prompt) -> Ticket:
+        if self.from_workers:  # the workers' reports move with every scrape
+            self.resize()
         key = object()  # the autoscaler's mean wait reads the oldest waiter's age
         self.metrics.waiting_since[key] = time.monotonic()
         try:
@@ -66,9 +91,16 @@ class AdmitStage:
         `coming_ready_at`: when each worker that is starting is expected to be
         ready (monotonic seconds); admission counts it as capacity on its way.
         """
-        per = self.per_worker
-        n = max(1, len(self.serving()))
-        self.admission.max_inflight = n * per
+        serving = self.serving()
+        if self.from_workers:
+            total = sum(self.slots(b) for b in serving) or UNREPORTED_SLOTS
+            per = UNREPORTED_SLOTS
+        else:
+            per = self.per_worker
+            total = max(1, len(serving)) * per
+        grew = total > self.admission.max_inflight
+        self.admission.max_inflight = total
         if coming_ready_at is not None:
             self.admission.capacity_coming([(t, per) for t in coming_ready_at])
-        self.admission._dispatch()  # let waiters in if capacity grew
+        if grew or coming_ready_at is not None:
+            self.admission._dispatch()  # let waiters in if capacity grew

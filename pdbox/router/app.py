@@ -58,6 +58,7 @@ __all__ = ["Decision", "Router"]
 
 CALIBRATION_OUTPUT_TOKENS = 64
 UPSTREAM_KEEPALIVE_S = 4.0
+SOFT_STREAMS_DEFAULT = 8  # whole streams on a prefill worker when the profile sets no cap
 
 
 class Router:
@@ -88,7 +89,7 @@ class Router:
         # has no prefill work, and the whole box while no decode worker is ready.
         self.soft = SoftRoles(SoftSettings(
             enabled=profile.is_pd and r.soft_roles, gate_tokens=r.pd_min_uncached_tokens,
-            hold_s=r.soft_roles_hold_s, max_streams=r.max_inflight_per_worker))
+            hold_s=r.soft_roles_hold_s, max_streams=self._per_worker_cap()))
         self.role_mix = RoleMix()
         self.prompts = PromptStage(tokenizer, profile.model.block_size, self.max_model_len)
         self.block_size = self.prompts.block_size
@@ -102,7 +103,7 @@ class Router:
         # (the other half is for prefill and the first token) is refused at once
         # rather than queued to miss it.
         self.admission = Admission(queue_bound=r.queue_bound,
-                                   max_inflight=r.max_inflight_per_worker,
+                                   max_inflight=max(1, r.max_inflight_per_worker),
                                    interactive_wait_s=0.5 * profile.slo.ttft_s)
         self.metrics = RouterMetrics()
         # Streams whose worker dies or stalls continue on another (migration.py).
@@ -304,9 +305,14 @@ class Router:
         if role == "prefill" and self.soft.settings.enabled:
             # Whole requests on the prefill worker stop where its step would
             # pass the ITL target.
-            cap = self.profile.router.max_inflight_per_worker
+            cap = self._per_worker_cap()
             self.soft.settings = dataclasses.replace(
                 self.soft.settings, max_streams=cal.streams_within(self.profile.slo.itl_s, cap))
+
+    def _per_worker_cap(self) -> int:
+        """Whole streams a prefill worker may take under soft roles: the profile's cap,
+        or SOFT_STREAMS_DEFAULT where the profile leaves admission to the workers."""
+        return self.profile.router.max_inflight_per_worker or SOFT_STREAMS_DEFAULT
 
     def _slice_key(self, role: str) -> str:
         """Workers of equal hardware slices share one prefill-speed estimate."""

@@ -38,6 +38,9 @@ class Backend:
     routed: int = 0
     kv_events_endpoint: str | None = None
     num_blocks: int = 0  # the worker's KV cache size in blocks, from vllm:cache_config_info
+    # What the worker reported it runs at most: its running count at the last scrape
+    # that also showed a waiting queue (its max_num_seqs, or its KV cache, was full).
+    max_running: int = 0
     engine: EngineWindow = field(default_factory=EngineWindow)  # vLLM's histograms, per scrape
 
     @property
@@ -120,6 +123,8 @@ async def scrape_once(session: aiohttp.ClientSession, b: Backend, timeout: float
     b.waiting = int(m.get("vllm:num_requests_waiting", 0))
     b.running = int(m.get("vllm:num_requests_running", 0))
     b.kv_usage = float(m.get("vllm:kv_cache_usage_perc", 0.0))
+    if b.waiting > 0 and b.running > 0:
+        b.max_running = b.running
     b.scraped_at = time.monotonic()
     b.engine.update(b.scraped_at, scrape.histograms)
     b.scrape_errors = 0
