@@ -24,6 +24,8 @@ from pdbox.bench.cli_common import (
     user_errors,
     workspace,
 )
+from pdbox.bench.cli_live import burst, pd_legs_cmd, prefix_live_cmd, tui_load_cmd
+from pdbox.bench.cli_sims import autoscale, hitrate_cmd, split_replay_cmd
 from pdbox.bench.cli_tools import router, startup
 from pdbox.bench.goodput import SpeedSearch, summarize
 from pdbox.bench.harness import Harness
@@ -54,6 +56,12 @@ Goodput (trace): requests served whole within the first setup's SLOs
 per output token after the first), per second of the run's wall time.
 "in SLO" is the same count over the requests sent. 429s, errors and
 timeouts count as sent, never as good.
+
+\b
+The other commands answer one question each, with a workload of their own:
+startup and router time pdbox itself; burst drives a box already running;
+prefix-live and pd-legs start real workers; tui-load mock ones; autoscale,
+hitrate and split-replay replay a trace in simulated time (no box).
 
 \b
 Every result carries the machine record (CPU model and SIMD flags, usable
@@ -322,5 +330,6 @@ def speeds(ctx: click.Context, profile: str | None, against: tuple[str, ...], au
                    json_dest, plot_file)
 
 
-bench.add_command(startup)
-bench.add_command(router)
+for _cmd in (startup, router, burst, prefix_live_cmd, pd_legs_cmd, tui_load_cmd, autoscale,
+             hitrate_cmd, split_replay_cmd):
+    bench.add_command(_cmd)

@@ -28,9 +28,16 @@ class Req:
     prefill: str = ""
     prompt_tokens: int = 0
     completion_tokens: int | None = None  # from the usage chunk, when one came
+    cached_tokens: int | None = None  # prompt tokens the worker found cached (usage details)
+    pieces: list[str] = field(default_factory=list)  # the answer's text, chunk by chunk
     status: int = 0  # HTTP status; 0 before an answer
     done: bool = False  # the answer ended normally (finish_reason or [DONE])
     error: str = ""  # "cancelled" when the workload cut it off
+
+    @property
+    def text(self) -> str:
+        """The answer as received (a multi-turn workload sends it back as history)."""
+        return "".join(self.pieces)
 
     @property
     def tokens(self) -> int:
@@ -50,6 +57,11 @@ def _token_event(d: dict[str, Any]) -> bool:
     if "text" in c:
         return bool(c["text"]) or c.get("finish_reason") is None
     return bool((c.get("delta") or {}).get("content"))
+
+
+def _piece(d: dict[str, Any]) -> str:
+    c = d["choices"][0]
+    return c.get("text") or (c.get("delta") or {}).get("content") or ""
 
 
 async def stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any], kind: str,
@@ -83,12 +95,16 @@ async def stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
                 now = clock()
                 d = json.loads(line[6:])
                 if d.get("usage"):
-                    r.prompt_tokens = d["usage"].get("prompt_tokens", 0) or 0
-                    r.completion_tokens = d["usage"].get("completion_tokens")
+                    usage = d["usage"]
+                    r.prompt_tokens = usage.get("prompt_tokens", 0) or 0
+                    r.completion_tokens = usage.get("completion_tokens")
+                    r.cached_tokens = (usage.get("prompt_tokens_details") or {}).get(
+                        "cached_tokens")
                 if _token_event(d):
                     if r.ttft is None:
                         r.ttft = now - r.sent
                     r.events.append(now)
+                    r.pieces.append(_piece(d))
                 ch = d.get("choices") or []
                 if ch and ch[0].get("finish_reason"):
                     r.done = True

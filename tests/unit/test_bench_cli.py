@@ -8,8 +8,6 @@ leftover check run for real around it.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -101,33 +99,6 @@ def test_plot_draws_a_png_of_every_setup_and_phase(tmp_path: Path) -> None:
     with Image.open(out) as img:
         assert img.format == "PNG"
         assert img.size[0] >= 2 * 500 and img.size[1] >= 2 * 250  # 2 kinds x 2 phases
-
-
-@pytest.fixture
-def mock_boxes(monkeypatch):
-    """boxes.start -> a mock OpenAI server, in its own process group."""
-    started: list[boxes.Box] = []
-
-    def start(work: Path, profile_file: Path, extra=None, timeout_s: float = 900.0,
-              all_ready: bool = True, clock=None) -> boxes.Box:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pdbox.devtools.mock_openai", "--port", "0", "--tokens",
-             "16", "--ttft-ms", "20", "--itl-ms", "5"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
-        assert proc.stdout is not None
-        url = proc.stdout.readline().decode().strip()
-        (work / "home").mkdir(parents=True, exist_ok=True)
-        b = boxes.Box(proc, work / "home", work / "log", endpoint=f"{url}/v1",
-                      endpoint_s=0.1, ready_s=0.2)
-        started.append(b)
-        return b
-
-    monkeypatch.setattr(boxes, "start", start)
-    yield started
-    for b in started:  # a failed test leaves nothing running
-        if b.proc.poll() is None:
-            b.proc.send_signal(signal.SIGKILL)
-            b.proc.wait(5)
 
 
 def test_trace_run_over_two_setups_writes_everything(tmp_path: Path, mock_boxes) -> None:
