@@ -147,6 +147,9 @@ class Router:
                                            keepalive_timeout=UPSTREAM_KEEPALIVE_S),
             timeout=aiohttp.ClientTimeout(total=None),
             auto_decompress=False,
+            # Workers set no cookies; the default jar would filter its (empty) store
+            # for every request.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         self.legs.session = self.session
 

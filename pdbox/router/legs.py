@@ -162,8 +162,15 @@ class Legs:
                                            timeout=self.timeout)
 
 
+_UNSAFE = {c: "?" for c in (*range(32), 127)}
+
+
 def _header_safe(text: str) -> str:
-    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:300]
+    """Printable ASCII only, 300 characters at most (the reason is a header value)."""
+    text = text[:300]
+    if text.isascii() and text.isprintable():
+        return text
+    return text.translate(_UNSAFE).encode("ascii", "replace").decode()
 
 
 def _cause(message: str) -> str:

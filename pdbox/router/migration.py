@@ -203,14 +203,21 @@ class Splice:
             self._catch_up()
         return bytes(out)
 
-    def _catch_up(self) -> None:
-        """Parse the first-leg events kept as bytes, in order."""
-        unread, self._unread, self._unread_bytes = self._unread, [], 0
+    def _catch_up(self, first_token: bool = False) -> None:
+        """Parse the first-leg events kept as bytes, in order (with `first_token`,
+        only as far as the first event that carries a token)."""
+        unread = self._unread
+        done = 0
         for block in unread:
+            done += 1
+            self._unread_bytes -= len(block)
             try:
                 self._event(block)
             except UpstreamError:  # passed on already; a malformed event counts for nothing
                 pass
+            if first_token and self._tokens:
+                break
+        del unread[:done]
 
     @property
     def tokens(self) -> int:
@@ -233,7 +240,8 @@ class Splice:
     def started(self) -> bool:
         """A token was relayed (cheap once true: the stall check asks on every read)."""
         if not self._started:
-            self._started = self.tokens > 0
+            self._catch_up(first_token=True)
+            self._started = self._tokens > 0
         return self._started
 
     def _event(self, block: bytes) -> bytes:
@@ -529,7 +537,9 @@ class MigratingStream:
                 continue
             stall = self.m.settings.stall_s if self.splice.started else None
             try:
-                chunk = await asyncio.wait_for(self.upstream.content.readany(), stall)
+                # asyncio.timeout, not wait_for: no task wrapped around every read
+                async with asyncio.timeout(stall):
+                    chunk = await self.upstream.content.readany()
             except TimeoutError:
                 self._failed(f"{self.worker.id} sent nothing for {stall:.0f} s")
                 continue

@@ -61,6 +61,30 @@ def choice_tokens(choice: Any) -> int:
     return 0
 
 
+_STRING_VALUES = (b'"content":"', b'"text":"', b'"reasoning_content":"', b'"reasoning":"')
+
+
+def quick_tokens(event: bytes) -> int | None:
+    """`choice_tokens` of a one-choice event in compact JSON (vLLM's form), read
+    without parsing it; None when only a parse can tell.
+
+    Exact because of how JSON escapes strings: inside a string every quote is
+    preceded by a backslash, so `"content":"` can only be the key `content`
+    with a string value, and `"content":""` only an empty one. A usage chunk,
+    several choices (or tool calls, whose entries have an index too), an error
+    event, spaces after colons or a multi-line event go to the parser.
+    """
+    if not event.startswith(b"data: {") or b"\n" in event or b'"usage"' in event \
+            or b'": ' in event or event.count(b'"index":') != 1 \
+            or b'"choices":[{' not in event:
+        return None
+    for key in _STRING_VALUES:
+        i = event.find(key)
+        if i >= 0 and event[i + len(key):i + len(key) + 1] != b'"':
+            return 1
+    return 0
+
+
 class SseMeter:
     """Splits a stream into whole events and counts their tokens, one parse per event.
 
@@ -127,6 +151,9 @@ class SseMeter:
         return self.usage_tokens if self.usage_tokens is not None else self.tokens
 
     def _event(self, event: bytes) -> tuple[int, bool]:
+        quick = quick_tokens(event)
+        if quick is not None:
+            return quick, True
         obj = self._parse(event)
         if obj is None:
             return 0, True
