@@ -121,6 +121,34 @@ class Histogram:
         vals, weights = self.window(since)
         return percentile(vals, q, weights)
 
+    def percentiles(self, qs: Sequence[float], since: float | None = None) -> list[float | None]:
+        """Several percentiles of one window, sorted once (the status snapshot reads
+        p50 and p99 of up to RECENT_SAMPLES samples every second)."""
+        vals, weights = self.window(since)
+        if not vals:
+            return [None] * len(qs)
+        if all(w == 1 for w in weights):
+            vals.sort()
+            n = len(vals)
+            return [vals[min(n - 1, max(0, math.ceil(q * n) - 1))] for q in qs]
+        total = sum(weights)
+        if total <= 0:
+            return [None] * len(qs)
+        # `percentile` with weights, every q in one pass over one sort of the indices.
+        out: list[float | None] = [None] * len(qs)
+        want = sorted((q * total - 1e-9, i) for i, q in enumerate(qs))
+        j = 0
+        acc = 0.0
+        for k in sorted(range(len(vals)), key=vals.__getitem__):
+            acc += weights[k]
+            while j < len(want) and acc >= want[j][0] and acc > 0:
+                out[want[j][1]] = vals[k]
+                j += 1
+            if j == len(want):
+                break
+        top = max(vals)
+        return [top if v is None else v for v in out]
+
     def mean(self, since: float | None = None) -> float | None:
         vals, weights = self.window(since)
         total = sum(weights)
@@ -226,16 +254,18 @@ class RouterMetrics:
         """The status snapshot's request figures (docs/ROUTING.md, "Live figures"):
         rates over the last RATE_WINDOW_S, latency percentiles since `since`."""
         finished = sum(w for t, _, w in self.e2e.recent if t >= now - RATE_WINDOW_S)
+        ttft = self.ttft.percentiles((0.5, 0.99), since)
+        itl = self.itl.percentiles((0.5, 0.99), since)
         return {
             "requests_total": int(self.requests.total()),
             "rps": finished / RATE_WINDOW_S,
             "tokens_per_s": self.tokens.per_s(now, RATE_WINDOW_S),
             "rate_window_s": RATE_WINDOW_S,
             "output_tokens_total": int(self.output_tokens.total()),
-            "ttft_p50_s": self.ttft.percentile(0.5, since),
-            "ttft_p99_s": self.ttft.percentile(0.99, since),
-            "itl_p50_s": self.itl.percentile(0.5, since),
-            "itl_p99_s": self.itl.percentile(0.99, since),
+            "ttft_p50_s": ttft[0],
+            "ttft_p99_s": ttft[1],
+            "itl_p50_s": itl[0],
+            "itl_p99_s": itl[1],
         }
 
     def oldest_wait_s(self, now: float) -> float | None:

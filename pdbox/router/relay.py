@@ -31,6 +31,8 @@ from pdbox.router.policy import PDDecider
 from pdbox.router.record import Recorder
 from pdbox.router.sse_meter import SseMeter
 
+DONE = b"data: [DONE]\n\n"  # a stream's last event: it leaves with the terminator
+
 
 class Relay:
     def __init__(self, recorder: Recorder, decider: PDDecider, match: PrefixMatch,
@@ -91,6 +93,7 @@ class Relay:
         resp.headers["Cache-Control"] = "no-cache"
         first: float | None = None
         last = 0.0
+        tail = b""  # the last events, held back to leave with the end of the stream
         meter = SseMeter(strip_usage)
         m = self.metrics
         try:
@@ -99,6 +102,8 @@ class Relay:
                 try:
                     chunk = await source.readany()
                 except (TimeoutError, aiohttp.ClientError) as exc:
+                    if tail:  # the answer was whole: what failed after it does not matter
+                        break
                     await self._failed(resp, decode, exc)
                     return resp
                 if not chunk:
@@ -117,12 +122,15 @@ class Relay:
                         self.decider.observe_itl(decode.id, gap)
                     last = now
                     m.add_tokens(read.tokens, now)
-                if read.forward:
+                if tail:
+                    await resp.write(tail)  # something after [DONE]: pass it on as it came
+                    tail = b""
+                if read.forward.endswith(DONE):
+                    # The end: it leaves with the chunked terminator, in one send.
+                    tail = read.forward
+                elif read.forward:
                     await resp.write(read.forward)
-            rest = meter.close()
-            if rest:
-                await resp.write(rest)
-            await resp.write_eof()
+            await resp.write_eof(tail + meter.close())
         except (ConnectionError, aiohttp.ClientConnectionError):
             self._client_left(upstream)
             return resp
