@@ -66,6 +66,10 @@ class StreamLost(aiohttp.ClientError):
     stream with an error event, as for any worker failure."""
 
 
+class Stalled(TimeoutError):
+    """The worker sent nothing for the stall timeout (set on its response body)."""
+
+
 class UpstreamError(Exception):
     """The worker sent an error event in place of the next token."""
 
@@ -170,54 +174,68 @@ class Splice:
         buf = self._buf + data if self._buf else data
         if b"\r" in buf:
             buf = buf.replace(b"\r\n", b"\n")
-        if b"\n\n" not in buf:
+        end = buf.rfind(b"\n\n")
+        if end < 0:
             self._buf = buf
             return b""
-        *blocks, self._buf = buf.split(b"\n\n")
+        whole, self._buf = buf[:end + 2], buf[end + 2:]
         if self.leg == 0 and not self.strip_ids:
-            return self._keep(blocks)
+            return self._keep(whole)
         out = bytearray()
-        for block in blocks:
+        for block in whole.split(b"\n\n"):
             if block:
                 out += self._event(block)
         return bytes(out)
 
-    def _keep(self, blocks: list[bytes]) -> bytes:
-        """First-leg events, passed on unchanged and parsed later (see the class)."""
-        out = bytearray()
-        for block in blocks:
-            if not block:
-                continue
-            if b'"error"' in block:  # a key (a value's quotes would be escaped): read it now
-                self._catch_up()
-                out += self._event(block)
-            elif block.startswith(b"data:") and block[5:].strip() == b"[DONE]":
-                if not self.done:
-                    self.done = True
-                    out += b"data: [DONE]\n\n"
-            else:
-                self._unread.append(block)
-                self._unread_bytes += len(block)
-                out += block + b"\n\n"
+    def _keep(self, whole: bytes) -> bytes:
+        """First-leg events, passed on unchanged and parsed later (see the class).
+
+        `"error"` can only be a key (a value's quotes are escaped): an event
+        that has it is read at once, as is [DONE] (said once only).
+        """
+        if b'"error"' not in whole and b"[DONE]" not in whole:
+            self._unread.append(whole)  # the read itself: no copy, no split
+            self._unread_bytes += len(whole)
+        else:
+            out = bytearray()
+            for block in whole.split(b"\n\n"):
+                if not block:
+                    continue
+                if b'"error"' in block:
+                    self._catch_up()
+                    out += self._event(block)
+                elif block.startswith(b"data:") and block[5:].strip() == b"[DONE]":
+                    if not self.done:
+                        self.done = True
+                        out += b"data: [DONE]\n\n"
+                else:
+                    self._unread.append(block + b"\n\n")
+                    self._unread_bytes += len(block) + 2
+                    out += block + b"\n\n"
+            whole = bytes(out)
         if self._unread_bytes > UNREAD_BYTES:  # a long answer: bound what is kept as bytes
             self._catch_up()
-        return bytes(out)
+        return whole
 
     def _catch_up(self, first_token: bool = False) -> None:
         """Parse the first-leg events kept as bytes, in order (with `first_token`,
         only as far as the first event that carries a token)."""
         unread = self._unread
-        done = 0
-        for block in unread:
-            done += 1
-            self._unread_bytes -= len(block)
-            try:
-                self._event(block)
-            except UpstreamError:  # passed on already; a malformed event counts for nothing
-                pass
-            if first_token and self._tokens:
-                break
-        del unread[:done]
+        while unread:
+            blocks = unread.pop(0).split(b"\n\n")
+            for i, block in enumerate(blocks):
+                if not block:
+                    continue
+                self._unread_bytes -= len(block) + 2
+                try:
+                    self._event(block)
+                except UpstreamError:  # passed on already; a malformed event counts for nothing
+                    pass
+                if first_token and self._tokens:
+                    rest = b"\n\n".join(blocks[i + 1:])
+                    if rest:
+                        unread.insert(0, rest)
+                    return
 
     @property
     def tokens(self) -> int:
@@ -514,6 +532,9 @@ class MigratingStream:
         self._own_leg = False  # the current leg's inflight count is ours to give back
         self._excluded: dict[str, tuple[Backend, float, bool]] = {}  # id -> (it, when, seen down)
         self._placing_since: float | None = None
+        self._loop = asyncio.get_running_loop()
+        self._read_since: float | None = None  # waiting on the worker since (loop time)
+        self._watch: asyncio.TimerHandle | None = None  # the stall check (_arm)
         self._last_keepalive = 0.0
         self._why = ""
         self._out = b""
@@ -535,17 +556,21 @@ class MigratingStream:
                     self._last_keepalive = self.m.clock()
                     return KEEPALIVE
                 continue
-            stall = self.m.settings.stall_s if self.splice.started else None
+            if self._watch is None and self.splice.started:
+                self._arm()
+            self._read_since = self._loop.time()
             try:
-                # asyncio.timeout, not wait_for: no task wrapped around every read
-                async with asyncio.timeout(stall):
-                    chunk = await self.upstream.content.readany()
+                chunk = await self.upstream.content.readany()
             except TimeoutError:
-                self._failed(f"{self.worker.id} sent nothing for {stall:.0f} s")
+                self._read_since = None
+                self._failed(f"{self.worker.id} sent nothing for "
+                             f"{self.m.settings.stall_s:.0f} s")
                 continue
             except aiohttp.ClientError as exc:
+                self._read_since = None
                 self._failed(f"{self.worker.id} failed: {str(exc) or type(exc).__name__}")
                 continue
+            self._read_since = None
             if not chunk:
                 if self.splice.done:
                     self._ended = True
@@ -562,6 +587,32 @@ class MigratingStream:
             if out:
                 return out
 
+    # ------------------------------------------------------------ stalls
+
+    def _arm(self) -> None:
+        """Watch this leg for a stall: once a token has come, a worker that sends
+        nothing for `stall_s` while the relay waits on it is taken for stalled.
+
+        One timer per stream, moved on only when it fires, rather than a
+        timeout around every read (the relay reads once per few events).
+        """
+        self._watch = self._loop.call_later(self.m.settings.stall_s, self._check)
+
+    def _check(self) -> None:
+        self._watch = None
+        stall = self.m.settings.stall_s
+        now = self._loop.time()
+        since = self._read_since
+        if since is not None and now - since >= stall:
+            self.upstream.content.set_exception(Stalled())
+            return
+        self._watch = self._loop.call_at((now if since is None else since) + stall, self._check)
+
+    def _disarm(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
     async def _passthrough(self) -> bytes:
         try:
             return await self.upstream.content.readany()
@@ -577,6 +628,7 @@ class MigratingStream:
         connection is released for reuse when its answer ended, else closed,
         which makes the worker abort the request (the client went away).
         """
+        self._disarm()
         if self._own_leg:
             if self._ended:
                 self.upstream.release()
@@ -585,6 +637,7 @@ class MigratingStream:
         self._give_back()
 
     def _drop_leg(self) -> None:
+        self._disarm()
         self.upstream.close()  # the worker aborts what it was still generating
         self._give_back()
 
