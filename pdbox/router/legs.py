@@ -150,7 +150,7 @@ class Legs:
         """Leg 2 (or the only leg); raises TimeoutError or aiohttp.ClientError."""
         assert self.session is not None
         # Bytes: a str body costs aiohttp an extra payload wrapper per request.
-        data = json.dumps(decode_body(body, route.kv_params)).encode()
+        data = body_bytes(call, decode_body(body, route.kv_params))
         url = f"{route.decode.url}{call.path}"
         headers = {"Content-Type": "application/json", "X-Request-Id": call.request_id}
         try:
@@ -160,6 +160,21 @@ class Legs:
             # A pooled connection the worker had just closed: one fresh try.
             return await self.session.post(url, data=data, headers=headers,
                                            timeout=self.timeout)
+
+
+def body_bytes(call: Call, body: dict[str, Any]) -> bytes:
+    """`body` as JSON bytes: the client's own bytes with the router's new keys
+    appended where that is all that changed (a long prompt is not encoded
+    again), else encoded anew."""
+    raw, orig = call.raw, call.body
+    if raw and all(k in body and body[k] is v for k, v in orig.items()):
+        added = {k: v for k, v in body.items() if k not in orig}
+        head = raw.rstrip()
+        if not added:
+            return raw
+        if head.endswith(b"}"):
+            return head[:-1] + b"," + json.dumps(added, separators=(",", ":")).encode()[1:]
+    return json.dumps(body).encode()
 
 
 _UNSAFE = {c: "?" for c in (*range(32), 127)}

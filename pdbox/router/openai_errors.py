@@ -39,6 +39,11 @@ def from_exc(exc: BadRequest) -> web.Response:
 
 
 async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
+    return (await read_body(request, limit))[0]
+
+
+async def read_body(request: web.Request, limit: int) -> tuple[dict[str, Any], bytes]:
+    """The request's JSON object, and the bytes it came as."""
     ctype = request.headers.get("Content-Type", "")
     if ctype.split(";")[0].strip().lower() != "application/json":
         raise BadRequest(415, "Content-Type must be application/json.")
@@ -59,7 +64,7 @@ async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
         raise BadRequest(400, f"Request body is not valid JSON: {exc}.") from None
     if not isinstance(body, dict):
         raise BadRequest(400, "Request body must be a JSON object.")
-    return body
+    return body, raw
 
 
 def _int_field(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:

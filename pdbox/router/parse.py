@@ -8,6 +8,7 @@ so bad input never reaches one.
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,6 +19,10 @@ from aiohttp import web
 from pdbox.router import openai_errors as oe
 
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+# Request ids: a random prefix per router process and a counter, as unique as a
+# uuid4 per request and without its system call.
+_RUN = uuid.uuid4().hex[:16]
+_SEQ = itertools.count()
 BATCH_VLLM_PRIORITY = 10  # vLLM: lower value is served first
 
 
@@ -34,6 +39,7 @@ class Call:
     force: str  # x-pdbox-pd as sent, lower case ("" when absent)
     retried: bool  # the client says it was refused before
     t0: float  # arrival (monotonic)
+    raw: bytes = b""  # the body as it came, while `body` still says the same (legs.py)
 
     @property
     def path(self) -> str:
@@ -60,7 +66,7 @@ class RequestParser:
     async def parse(self, request: web.Request, kind: str, t0: float | None = None) -> Call:
         """The request as a `Call`; raises oe.BadRequest for the client's mistakes."""
         t0 = time.monotonic() if t0 is None else t0
-        body = await oe.read_json(request, self.max_body_bytes)
+        body, raw = await oe.read_body(request, self.max_body_bytes)
         max_tokens = oe.validate(body, kind, self.max_model_len)
         if body["model"] not in self.served_names:
             raise oe.BadRequest(404, f"The model `{body['model']}` does not exist; "
@@ -71,15 +77,17 @@ class RequestParser:
         user = body.get("user")
         return Call(
             kind=kind, body=body, max_tokens=max_tokens, priority=priority,
-            request_id=headers.get("X-Request-Id") or f"pdbox-{uuid.uuid4().hex}",
+            request_id=headers.get("X-Request-Id") or f"pdbox-{_RUN}{next(_SEQ):016x}",
             session_key=headers.get("x-session-id") or (user if isinstance(user, str) else None),
             force=headers.get("x-pdbox-pd", "").strip().lower(),
-            retried=_retried(headers.get("x-stainless-retry-count", "")), t0=t0)
+            retried=_retried(headers.get("x-stainless-retry-count", "")), t0=t0, raw=raw)
 
     def to_vllm_priority(self, call: Call) -> None:
         """Our own priority field is not vLLM's; pass vLLM an integer only where the
         profile turned priority scheduling on."""
         body = call.body
+        if "priority" in body or self.priority_scheduling:
+            call.raw = b""  # the body changes: the bytes no longer say it
         if isinstance(body.get("priority"), str):
             body.pop("priority")
         if self.priority_scheduling:

@@ -256,3 +256,24 @@ def test_a_scrape_that_shows_a_queue_teaches_the_workers_limit() -> None:
             await m.stop()
 
     asyncio.run(go())
+
+
+# -------------------------------------------------------------------- legs
+
+
+def test_the_decode_leg_sends_the_clients_bytes_with_the_routers_keys_appended() -> None:
+    from pdbox.router.legs import body_bytes
+    from pdbox.router.sse_meter import with_usage
+
+    raw = b'{"model": "smollm2", "stream": true, "messages": [{"role": "user", "content": "hi"}]} '
+    body = json.loads(raw)
+    call = dataclasses.replace(call_for(body), raw=raw)
+    sent = with_usage(body)
+    out = body_bytes(call, sent)
+    assert out.startswith(raw.rstrip()[:-1]) and json.loads(out) == sent
+    assert body_bytes(call, body) is raw  # unchanged: the very bytes
+    changed = {**body, "stream": False}
+    assert json.loads(body_bytes(call, changed)) == changed
+    dropped = {k: v for k, v in body.items() if k != "stream"}
+    assert json.loads(body_bytes(call, dropped)) == dropped
+    assert json.loads(body_bytes(dataclasses.replace(call, raw=b""), sent)) == sent
