@@ -530,3 +530,114 @@ def goals(results: dict[str, Any]) -> dict[str, Any]:
     if "pdbox_goal" in out:
         out["goal_met"] = out["pdbox_goal"]["met"]
     return out
+
+
+# ------------------------------------------------------------ stage costs
+
+
+def stage_costs(prefix_chars: int, tokens: int, n: int = 2000) -> dict[str, float]:
+    """Microseconds of pdbox's own code per request, stage by stage (app.py lists them),
+    measured in this process on the benchmark's request: everything but the sockets.
+
+    The relay is timed over the worker's answer as it arrives under load (four
+    events a read) and one event a read; the rest of the router's CPU per request
+    is aiohttp's client and server and the event loop (the benchmark's figure
+    less these).
+    """
+    return asyncio.run(_stage_costs(prefix_chars, tokens, n))
+
+
+async def _stage_costs(prefix_chars: int, tokens: int, n: int) -> dict[str, float]:
+    import dataclasses as dc
+
+    from pdbox import config
+    from pdbox.router.app import Router
+    from pdbox.router.backends import Registry
+    from pdbox.router.migration import Migrator, Splice
+    from pdbox.router.sse_meter import SseMeter, with_usage
+    from pdbox.router.tokenize import CharBlockTokenizer
+
+    prof = config.load("cpu-aggregated")
+    prof = dc.replace(prof, router=dc.replace(prof.router, kv_events=False,
+                                              max_inflight_per_worker=0, policy="prefix"))
+    reg = Registry()
+    for i in range(2):
+        reg.upsert(f"aggregated-{i}", "aggregated", f"http://127.0.0.1:{9 + i}", "ready")
+    r = Router(prof, reg, CharBlockTokenizer(), [MODEL])
+    r.capacity_changed()
+    payloads = make_payloads(n, 8, prefix_chars)
+
+    class Req:  # what the parser reads of an aiohttp request
+        def __init__(self, raw: bytes) -> None:
+            self.headers = {"Content-Type": "application/json"}
+            self.content_length = len(raw)
+            self.raw = raw
+            self.content = self
+
+        async def read(self, limit: int) -> bytes:
+            return self.raw[:limit]
+
+    events = _answer_events(tokens)
+    out: dict[str, float] = {}
+
+    def took(name: str, t0: float) -> None:
+        out[name] = out.get(name, 0.0) + (time.perf_counter() - t0)
+
+    for raw in payloads:
+        t0 = time.perf_counter()
+        call = await r.parser.parse(Req(raw), "chat")  # type: ignore[arg-type]
+        r.parser.to_vllm_priority(call)
+        took("parse", t0)
+        t0 = time.perf_counter()
+        prompt = r.prompts.prepare(call)
+        took("prompt", t0)
+        t0 = time.perf_counter()
+        ticket = await r.admit.acquire(call, prompt)
+        r.admit.release(ticket)
+        took("admit", t0)
+        t0 = time.perf_counter()
+        route = r.chooser.choose(call, prompt, set(), 1)
+        took("choose", t0)
+        t0 = time.perf_counter()
+        decision = r.legs.decision(call, prompt, route)
+        sent, body, _ = r.legs.upstream_body(call)
+        from pdbox.router.legs import body_bytes
+        from pdbox.router.pd import decode_body
+
+        body_bytes(call, decode_body(body, route.kv_params))
+        with r.legs.open(call, prompt, route):
+            pass
+        took("legs (books, body)", t0)
+        t0 = time.perf_counter()
+        r.recorder.routed(decision, prompt.hashes)
+        r.recorder.ttft(0.01, time.monotonic(), "stream")
+        r.recorder.stream_done(call.t0, tokens, tokens)
+        took("record", t0)
+        for per_read, name in ((4, "relay, 4 events a read"), (1, "relay, 1 event a read")):
+            t0 = time.perf_counter()
+            meter = SseMeter(strip_usage=True, one_choice=True)
+            splice = Splice(with_usage(sent), "chat", 10)
+            for i in range(0, len(events), per_read):
+                chunk = b"".join(events[i:i + per_read])
+                meter.feed(splice.feed(chunk))
+                _ = splice.started
+            took(name, t0)
+    _ = Migrator  # the relay's wrapper around the worker's body; its cost is the Splice's
+    return {k: round(v / n * 1e6, 1) for k, v in out.items()}
+
+
+def _answer_events(tokens: int) -> list[bytes]:
+    """A streamed chat answer as vLLM frames it: role, tokens, finish, usage, [DONE]."""
+    head = '{"id":"chatcmpl-0123456789abcdef","object":"chat.completion.chunk",' \
+           '"created":1700000000,"model":"smollm2","choices":[{"index":0,"delta":'
+    out = [f'data: {head}{{"role":"assistant","content":""}},"logprobs":null,'
+           '"finish_reason":null}]}\n\n']
+    out += [f'data: {head}{{"content":" tok{i}"}},"logprobs":null,"finish_reason":null}}]}}\n\n'
+            for i in range(tokens - 1)]
+    out.append(f'data: {head}{{"content":" end"}},"logprobs":null,"finish_reason":"length"}}]}}'
+               '\n\n')
+    out.append('data: {"id":"chatcmpl-0123456789abcdef","object":"chat.completion.chunk",'
+               '"created":1700000000,"model":"smollm2","choices":[],"usage":{"prompt_tokens":'
+               f'500,"total_tokens":{500 + tokens},"completion_tokens":{tokens}}}}}\n\n')
+    out.append("data: [DONE]\n\n")
+    return [e.encode() for e in out]

@@ -34,6 +34,15 @@ from pdbox.router.sse_meter import SseMeter
 DONE = b"data: [DONE]\n\n"  # a stream's last event: it leaves with the terminator
 
 
+def one_choice(body: dict[str, Any]) -> bool:
+    """The answer has one choice: n is 1 and a completions prompt is one prompt."""
+    n = body.get("n")
+    if n not in (None, 1) or body.get("best_of") not in (None, 1):
+        return False
+    p = body.get("prompt")
+    return not (isinstance(p, list) and p and not isinstance(p[0], int) and len(p) > 1)
+
+
 class Relay:
     def __init__(self, recorder: Recorder, decider: PDDecider, match: PrefixMatch,
                  migrator: Migrator, timeout: aiohttp.ClientTimeout) -> None:
@@ -94,7 +103,7 @@ class Relay:
         first: float | None = None
         last = 0.0
         tail = b""  # the last events, held back to leave with the end of the stream
-        meter = SseMeter(strip_usage)
+        meter = SseMeter(strip_usage, one_choice=one_choice(call.body))
         m = self.metrics
         try:
             await resp.prepare(request)

@@ -88,24 +88,26 @@ def quick_tokens(event: bytes) -> int | None:
 _EMPTY_VALUES = tuple(key + b'"' for key in _STRING_VALUES)
 
 
-def quick_read_tokens(whole: bytes, events: int) -> int | None:
-    """`quick_tokens` summed over a read of `events` whole events, in one pass of
-    substring counts over the read rather than a loop over its events.
+def quick_read_tokens(whole: bytes) -> int | None:
+    """`choice_tokens` summed over a read of whole events of one choice each, in
+    compact JSON, with a few substring counts over the read instead of a loop
+    over its events; None when only a parse can tell.
 
-    The same guards hold for every event at once: each is one compact `data:`
-    line with one choice and no usage; and with no reasoning field an event
-    carries at most one string value that counts (content or text), so the
-    non-empty ones can be counted for the whole read.
+    The caller vouches for one choice per event (the request asked for one:
+    vLLM then sends one per event). Then, as `quick_tokens` says, `"content":"`
+    and `"text":"` can only be a choice's output, each event holds at most one
+    of them, and the empty ones end in `""`. Usage chunks, reasoning, tool
+    calls and spaced-out JSON are left to the parser.
     """
-    if whole.count(b"data: {") != events or whole.count(b"\n") != 2 * events \
-            or b'"usage"' in whole or b'": ' in whole or b'"reasoning' in whole \
-            or whole.count(b'"index":') != events or whole.count(b'"choices":[{') != events:
+    if b'"usage"' in whole or b'": ' in whole or b'"reasoning' in whole \
+            or b'"tool_calls"' in whole:
         return None
-    n = 0
-    for key, empty in zip(_STRING_VALUES[:2], _EMPTY_VALUES[:2], strict=True):
-        found = whole.count(key)
-        if found:
-            n += found - whole.count(empty)
+    n = whole.count(b'"content":"')
+    if n:
+        n -= whole.count(b'"content":""')
+    t = whole.count(b'"text":"')
+    if t:
+        n += t - whole.count(b'"text":""')
     return n
 
 
@@ -117,8 +119,10 @@ class SseMeter:
     nothing is dropped; anything else takes the general path.
     """
 
-    def __init__(self, strip_usage: bool = False) -> None:
+    def __init__(self, strip_usage: bool = False, one_choice: bool = False) -> None:
         self.strip_usage = strip_usage
+        # the request asked for one choice, so each event carries one (quick_read_tokens)
+        self.one_choice = one_choice
         self.tokens = 0  # token events counted so far
         self.usage_tokens: int | None = None  # usage.completion_tokens, once seen
         self.engine_metrics: dict[str, Any] | None = None  # vLLM per-request metrics, if sent
@@ -133,7 +137,7 @@ class SseMeter:
             self._buf = buf
             return Read(b"", 0)
         whole, self._buf = buf[:end + 2], buf[end + 2:]
-        quick = quick_read_tokens(whole, whole.count(b"\n\n"))
+        quick = quick_read_tokens(whole) if self.one_choice else None
         if quick is not None:
             self.tokens += quick
             return Read(whole, quick)
