@@ -28,8 +28,10 @@ from typing import Any, Protocol
 _ROOT = 0x5D_B0_C5
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
-    """Chained hashes of the full blocks of `token_ids`.
+def block_hashes(token_ids: Sequence[int], block_size: int,
+                 parent: int | None = None) -> list[int]:
+    """Chained hashes of the full blocks of `token_ids` (after the block `parent`,
+    when these ids continue a prompt whose earlier blocks are hashed already).
 
     Python's hash of a tuple of ints does not depend on PYTHONHASHSEED (only
     str/bytes hashing is salted), so these are stable across processes too.
@@ -38,7 +40,7 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
         raise ValueError("block_size must be positive")
     ids = token_ids if isinstance(token_ids, tuple) else tuple(token_ids)
     out: list[int] = []
-    parent = _ROOT
+    parent = _ROOT if parent is None else parent
     for start in range(0, len(ids) - block_size + 1, block_size):
         parent = hash((parent, ids[start : start + block_size]))
         out.append(parent)

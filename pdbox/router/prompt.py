@@ -12,6 +12,13 @@ long shared prompt costs a dictionary look-up rather than a pass over its
 blocks (docs/ROUTER_BENCH.md has the figures). Its hashes are Python's
 salted string hashes: stable within the process, which is all an
 approximate index needs (they never match a KV event anyway).
+
+The model's own tokenizer costs far more (2.5 ms for an 8,000-character
+prompt on this project's 2-core box), so a chat whose first message is long
+is encoded in two parts: up to the first special token after that message
+(which the tokenizer splits on before anything else, so each side is encoded
+on its own), once per distinct head, and the rest per request. Each head is
+checked once against a whole encode before its ids are reused.
 """
 
 from __future__ import annotations
@@ -24,9 +31,15 @@ from typing import Any
 from pdbox.router import openai_errors as oe
 from pdbox.router.parse import Call
 from pdbox.router.prefix_index import block_hashes
-from pdbox.router.tokenize import CharBlockTokenizer, template_kwargs
+from pdbox.router.tokenize import (
+    CharBlockTokenizer,
+    HubTokenizer,
+    PromptTokenizer,
+    template_kwargs,
+)
 
 HEAD_CACHE_ENTRIES = 256  # distinct shared first messages kept hashed
+HEAD_MIN_CHARS = 256  # a shorter first message is not worth a cache entry
 _ROOT = 0x5D_B0_C6  # first parent of a text chain (never equal to an id chain's)
 
 
@@ -47,6 +60,10 @@ class PromptStage:
         self.max_model_len = max_model_len
         self.text_blocks = type(tokenizer) is CharBlockTokenizer
         self._heads: OrderedDict[str, tuple[list[int], int, str]] = OrderedDict()
+        # rendered head -> (its full blocks' hashes, the last of them, ids after them,
+        # its ids), or None where encoding it apart changed the ids
+        self._id_heads: OrderedDict[str, tuple[list[int], int | None, list[int], int] | None] \
+            = OrderedDict()
 
     def prepare(self, call: Call) -> Prompt:
         """The request's prompts; raises oe.BadRequest when one does not fit the context."""
@@ -77,6 +94,8 @@ class PromptStage:
             kwargs = template_kwargs(body)
             if self.text_blocks:
                 n, hashes = self._chat_text(body["messages"], kwargs)
+            elif (model := self._model_tokenizer()) is not None:
+                n, hashes = self._chat_ids(model, body["messages"], kwargs)
             else:
                 ids = self.tokenizer.encode_chat(body["messages"], **kwargs)
                 n, hashes = len(ids), block_hashes(ids, self.block_size)
@@ -121,6 +140,59 @@ class PromptStage:
         rest = tail + "".join(pieces[1:])
         n = len(head) - len(tail) + len(rest)
         return n, head_hashes + text_hashes(rest, self.block_size, parent)
+
+
+    def _model_tokenizer(self) -> PromptTokenizer | None:
+        tok = self.tokenizer
+        if isinstance(tok, HubTokenizer):
+            tok = tok._current()
+        return tok if isinstance(tok, PromptTokenizer) else None
+
+    def _chat_ids(self, tok: PromptTokenizer, messages: Sequence[Any],
+                  kwargs: dict[str, Any]) -> tuple[int, list[int]]:
+        """(ids, block hashes) of a chat, its head's encoded once (see the module)."""
+        bs = self.block_size
+        text = tok.render_chat(messages, **kwargs)
+        split = _split_after_first(text, messages, tok.split_tokens())
+        head = text[:split] if split is not None else ""
+        if head and head not in self._id_heads:
+            ids = tok.encode_rendered(text)
+            head_ids = tok.encode_rendered(head)
+            whole = ids[:len(head_ids)] == head_ids and \
+                ids[len(head_ids):] == tok.encode_rendered(text[len(head):])
+            full = len(head_ids) // bs * bs
+            head_hashes = block_hashes(head_ids[:full], bs)
+            self._id_heads[head] = (head_hashes, head_hashes[-1] if head_hashes else None,
+                                    head_ids[full:], len(head_ids)) if whole else None
+            if len(self._id_heads) > HEAD_CACHE_ENTRIES:
+                self._id_heads.popitem(last=False)
+            return len(ids), block_hashes(ids, bs)
+        hit = self._id_heads.get(head) if head else None
+        if hit is None:
+            ids = tok.encode_rendered(text)
+            return len(ids), block_hashes(ids, bs)
+        self._id_heads.move_to_end(head)
+        head_hashes, parent, tail, n_head = hit
+        rest = tok.encode_rendered(text[len(head):])
+        return n_head + len(rest), head_hashes + block_hashes(tail + rest, bs, parent)
+
+
+def _split_after_first(text: str, messages: Sequence[Any], splits: Sequence[str]) -> int | None:
+    """Where the rendered chat may be cut in two: after the first special token
+    that follows a long first message; None when there is no such place."""
+    first = messages[0].get("content") if messages and isinstance(messages[0], dict) else None
+    if not isinstance(first, str) or len(first) < HEAD_MIN_CHARS or not splits:
+        return None
+    i = text.find(first)
+    if i < 0:
+        return None
+    end = i + len(first)
+    best: int | None = None
+    for token in splits:
+        j = text.find(token, end)
+        if j >= 0 and (best is None or j + len(token) < best):
+            best = j + len(token)
+    return best
 
 
 def text_hashes(text: str, block: int, parent: int = _ROOT) -> list[int]:

@@ -146,6 +146,7 @@ class PromptTokenizer:
         self._template_src = chat_template
         self._template: Any = None
         self.special = special
+        self._splits: tuple[str, ...] | None = None
 
     @classmethod
     def from_model_dir(cls, path: str | Path) -> PromptTokenizer:
@@ -198,7 +199,21 @@ class PromptTokenizer:
         return self._template.render(messages=msgs, **kwargs)
 
     def encode_chat(self, messages: Sequence[Message], **extra: Any) -> list[int]:
-        return self._tok.encode(self.render_chat(messages, **extra), add_special_tokens=False).ids
+        return self.encode_rendered(self.render_chat(messages, **extra))
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """A rendered chat's ids (no special tokens added: the template has them)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def split_tokens(self) -> tuple[str, ...]:
+        """Added tokens the tokenizer splits its input on before anything else, and
+        that take no whitespace from their neighbours: text on either side of one
+        is encoded on its own, so a prompt can be encoded in two parts there."""
+        if self._splits is None:
+            self._splits = tuple(
+                t.content for t in self._tok.get_added_tokens_decoder().values()
+                if not (t.lstrip or t.rstrip or t.single_word or t.normalized) and t.content)
+        return self._splits
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return self._tok.encode(prompt, add_special_tokens=True).ids

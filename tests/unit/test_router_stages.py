@@ -277,3 +277,29 @@ def test_the_decode_leg_sends_the_clients_bytes_with_the_routers_keys_appended()
     dropped = {k: v for k, v in body.items() if k != "stream"}
     assert json.loads(body_bytes(call, dropped)) == dropped
     assert json.loads(body_bytes(dataclasses.replace(call, raw=b""), sent)) == sent
+
+
+def test_the_models_tokenizer_encodes_a_long_shared_head_once(tmp_path: Any) -> None:
+    from pdbox.router.tokenize import PromptTokenizer
+    from tests.unit.test_prefix_index import make_model_dir
+
+    pt = PromptTokenizer.from_model_dir(make_model_dir(tmp_path))
+    stage = PromptStage(pt, 4, 100_000)
+    system = {"role": "system", "content": "You are helpful " * 40}
+    calls = 0
+    encode = pt.encode_rendered
+
+    def counted(text: str) -> list[int]:
+        nonlocal calls
+        calls += 1
+        return encode(text)
+
+    pt.encode_rendered = counted  # type: ignore[method-assign]
+    for i, q in enumerate(["hello there", "how is it", "hello"]):
+        msgs = [system, {"role": "user", "content": q}]
+        p = stage.prepare(call_for({"messages": msgs}))
+        ids = encode(pt.render_chat(msgs))
+        assert p.units == len(ids) and p.hashes == block_hashes(ids, 4)
+        assert calls == (3 if i == 0 else 3 + i)  # checked once, then only the rest
+    short = [{"role": "user", "content": "hello"}]
+    assert stage.prepare(call_for({"messages": short})).units == len(encode(pt.render_chat(short)))
