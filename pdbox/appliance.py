@@ -76,7 +76,10 @@ class Appliance:
         self._subscribers: list[asyncio.Queue[dict[str, Any]]] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
+        self._stop_asked: float | None = None  # monotonic time of the stop request
         self._stopping = False
+        # One line on how the stop went, for the user (set by stop()).
+        self.stop_summary = ""
         self.fleet: Fleet | None = None  # managed workers (none in attach mode)
         self.router: Router | None = None
         self.autoscaler = Autoscaler(profile)
@@ -126,7 +129,8 @@ class Appliance:
         fd = os.open(self.run_dir / "logs" / "pdbox.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                      0o600)
         self._log_file = os.fdopen(fd, "a")
-        for n in notes:
+        for n in notes:  # what a pdbox that died left, and what was ended of it
+            self.on_progress(n)
             self.event("pdbox", n)
         from pdbox.ports import PortTaken
 
@@ -397,7 +401,20 @@ class Appliance:
             return []
 
     def request_shutdown(self) -> None:
+        if self._stop_asked is None:
+            self._stop_asked = time.monotonic()
         self._stop.set()
+
+    def _end_stragglers(self) -> list[int]:
+        """Worker processes still running once the supervisor stopped every group:
+        any whose environment names this pdbox (one that left its group). They
+        already had their grace with their group, so they get SIGKILL; returns
+        the pids that outlive even that (stuck in the kernel)."""
+        from pdbox.strays import started_by
+
+        me = psutil.Process()
+        left = [p.pid for p in started_by(me.pid, me.create_time())]
+        return runstate.terminate([], left, grace_s=0.0) if left else []
 
     # ----------------------------------------------------------------- status
 
@@ -456,7 +473,7 @@ class Appliance:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(sig, self._stop.set)
+                loop.add_signal_handler(sig, self.request_shutdown)
             except (NotImplementedError, RuntimeError):
                 pass  # not the main thread: the TUI stops us through the control API
         await self._stop.wait()
@@ -466,6 +483,7 @@ class Appliance:
         if self._stopping:
             return
         self._stopping = True
+        t0 = self._stop_asked or time.monotonic()
         self.event("pdbox", "stopping")
         if self.router is not None:
             self.router.accepting = False
@@ -473,6 +491,7 @@ class Appliance:
             while time.monotonic() < deadline and (
                 self.router.admission.inflight or self.router.admission.queued):
                 await asyncio.sleep(0.1)
+        drained_s = time.monotonic() - t0
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -482,6 +501,15 @@ class Appliance:
                 pass
         if self.fleet is not None:
             await self.fleet.stop()
+            left = await asyncio.get_running_loop().run_in_executor(None, self._end_stragglers)
+            gone = ("all worker processes gone" if not left else
+                    f"{len(left)} worker process(es) still running: {', '.join(map(str, left))}")
+            self.stop_summary = f"stopped in {time.monotonic() - t0:.1f} s; {gone}"
+        else:
+            self.stop_summary = f"stopped in {time.monotonic() - t0:.1f} s"
+        if drained_s >= 0.1:  # else the time is the workers' own stop
+            self.stop_summary += f" ({drained_s:.1f} s of it for the requests in flight)"
+        self.event("pdbox", self.stop_summary)
         if self._runner is not None:
             await self._runner.cleanup()
         if self.router is not None:

@@ -1,9 +1,11 @@
 """Creating the run folder of `pdbox up`, and cleaning up after a pdbox that died.
 
-A pdbox killed with SIGKILL leaves its workers running. Their process groups
-are recorded in state.json with each leader's start time, so the next
-`pdbox up` ends exactly those groups (and never a recycled pid) before it
-starts clean.
+A pdbox killed with SIGKILL takes its workers along (pdbox/workers/lifeline.py),
+but what could not follow it (a process stuck in the kernel, a worker of an
+older pdbox) is ended here. Worker process groups are recorded in state.json
+with each leader's start time, and every worker process carries its pdbox's
+pid and start time in its environment, so the next `pdbox up` ends exactly
+those (and never a recycled pid) before it starts clean.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import os
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from pdbox import strays
 from pdbox.runfolder import STATE, TOKEN, new_token, pid_alive, write_private
+from pdbox.workers import pgroup
 from pdbox.workers.supervisor import group_running
 
 
@@ -47,8 +52,9 @@ def prepare(folder: Path) -> tuple[str, list[str]]:
                 f"pdbox is already running (pid {pid}, {state.get('endpoint', '?')}); "
                 "stop it with: pdbox down")
         ended = end_leftovers(state)
-        if ended:
-            notes.append(f"ended {ended} leftover worker group(s) of a pdbox that died")
+        if ended.pdbox or ended.processes:
+            # One line either way: that a pdbox died without stopping is worth knowing.
+            notes.append(ended.note())
         for name in (STATE, TOKEN):
             (folder / name).unlink(missing_ok=True)
         shutil.rmtree(folder / "mps", ignore_errors=True)
@@ -68,16 +74,40 @@ def prepare(folder: Path) -> tuple[str, list[str]]:
 
 
 def _is_pdbox(pid: int, state: dict[str, Any]) -> bool:
+    # A zombie counts as gone: a pdbox killed by SIGKILL is one until whoever
+    # started it reaps it, and must not block the next start meanwhile.
+    created = state.get("create_time")
     try:
-        p = psutil.Process(pid)
-        created = state.get("create_time")
-        return created is None or abs(p.create_time() - float(created)) < 1.0
-    except (psutil.Error, ValueError):
+        return strays.pdbox_alive(pid, None if created is None else float(created))
+    except (TypeError, ValueError):
         return False
 
 
-def end_leftovers(state: dict[str, Any], grace_s: float = 5.0) -> int:
-    """SIGTERM then SIGKILL each recorded worker group whose leader is still the same process."""
+@dataclass(frozen=True)
+class Ended:
+    """What `end_leftovers` found of a dead pdbox, and ended."""
+
+    pdbox: int
+    groups: list[int]
+    processes: int  # processes of those groups, and strays outside them, when found
+    seconds: float
+    left: list[int]  # pids still running after SIGKILL (in uninterruptible sleep)
+
+    def note(self) -> str:
+        who = f"pdbox {self.pdbox}" if self.pdbox else "a pdbox"
+        if not self.processes:
+            return f"{who} died without stopping; none of its worker processes was left running"
+        line = (f"ended {len(self.groups)} leftover worker group(s) of {who}, which died: "
+                f"{self.processes} process(es), gone in {self.seconds:.1f} s")
+        if self.left:
+            line += f"; still running: {', '.join(map(str, self.left))}"
+        return line
+
+
+def end_leftovers(state: dict[str, Any], grace_s: float = 5.0) -> Ended:
+    """End what a dead pdbox left: each recorded worker group whose leader is
+    still the same process, and any process whose environment names that pdbox
+    (a group it had not recorded yet, an engine core whose group leader died)."""
     groups: list[int] = []
     for w in state.get("workers", []):
         pgid, created = w.get("pgid"), w.get("create_time")
@@ -96,14 +126,56 @@ def end_leftovers(state: dict[str, Any], grace_s: float = 5.0) -> int:
         except psutil.Error:
             continue
         groups.append(int(pgid))
-    for g in groups:
-        _killpg(g, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_group_alive(g) for g in groups):
-        time.sleep(0.1)
+    pid = int(state.get("pid", 0) or 0)
+    created = state.get("create_time")
+    marked = strays.started_by(pid, None if created is None else float(created)) if pid else []
+    mine = {p.pid for p in marked}
+    for p in marked:
+        # A group joins only when it is the worker's own: led by one of these
+        # processes, or by none any more.
+        if p.pgid not in groups and (p.pgid in mine or not psutil.pid_exists(p.pgid)):
+            groups.append(p.pgid)
+    pids = [p.pid for p in marked if p.pgid not in groups]
+    found = len({q for g in groups for q in pgroup.live_pids(g)} | set(pids))
+    t0 = time.monotonic()
+    left = terminate(groups, pids, grace_s)
+    return Ended(pid, groups, found, time.monotonic() - t0, left)
+
+
+def terminate(groups: list[int], pids: list[int], grace_s: float,
+              kill_wait_s: float = 5.0) -> list[int]:
+    """SIGTERM the groups and processes, SIGKILL what still runs after the grace
+    (at once with no grace), and wait for it to go; returns the pids still
+    running after that."""
+
+    def alive() -> list[int]:
+        out = [q for g in groups for q in pgroup.live_pids(g)]
+        return out + [q for q in pids if _running(q) and q not in out]
+
+    if grace_s > 0:  # else they had their grace already
+        for g in groups:
+            _killpg(g, signal.SIGTERM)
+        for q in pids:
+            _kill(q, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and alive():
+            time.sleep(0.1)
     for g in groups:
         _killpg(g, signal.SIGKILL)
-    return len(groups)
+    for q in pids:
+        _kill(q, signal.SIGKILL)
+    # SIGKILL is not instant: ports and memory are free only once they are gone.
+    deadline = time.monotonic() + kill_wait_s
+    while time.monotonic() < deadline and alive():
+        time.sleep(0.05)
+    return alive()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _group_alive(pgid: int) -> bool:
@@ -115,6 +187,13 @@ def _group_alive(pgid: int) -> bool:
 def _killpg(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
 

@@ -94,9 +94,36 @@ def scan() -> list[ProcInfo]:
     return out
 
 
+def started_by(pid: int, start: float | None,
+               procs: Iterable[ProcInfo] | None = None) -> list[ProcInfo]:
+    """The live processes whose environment says that this pdbox started them.
+
+    `start` is the pdbox's start time (None: the pid alone decides), so that a
+    pdbox that reused a dead one's pid does not claim its processes.
+    """
+    out = []
+    for p in scan() if procs is None else procs:
+        if p.env.get(PARENT_PID) != str(pid):
+            continue
+        try:
+            if start is not None and abs(float(p.env.get(PARENT_START, "")) - start) >= 1.0:
+                continue
+        except ValueError:
+            pass  # the worker did not know its pdbox's start time
+        out.append(p)
+    return out
+
+
 def pdbox_alive(pid: int, start: float | None) -> bool:
+    """Whether `pid` is still the pdbox that started at `start` (None: trust the pid).
+
+    A zombie is gone: a pdbox killed by SIGKILL stays one until whoever
+    started it reaps it, and its workers must not wait for that.
+    """
     try:
         p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
         return start is None or abs(p.create_time() - start) < 1.0
     except psutil.Error:
         return False

@@ -148,7 +148,7 @@ async def _run_headless(profile, run_dir: Path, host, port, attached, api_key) -
         stop_wait.cancel()
         # Whatever happened, nothing pdbox started may outlive it.
         await app.stop()
-    _progress("stopped")
+    _progress(app.stop_summary or "stopped")
     fatal = getattr(app, "fatal", None)
     if fatal:
         click.echo(f"pdbox: {fatal}", err=True)
@@ -204,6 +204,8 @@ def _run_with_tui(profile, run_dir: Path, host, port, attached, api_key) -> int:
     finally:
         loop.call_soon_threadsafe(app.request_shutdown)
         thread.join(timeout=120)
+    if app.stop_summary:
+        _progress(app.stop_summary)
     fatal = getattr(app, "fatal", None)
     if fatal:
         click.echo(f"pdbox: {fatal}", err=True)

@@ -25,8 +25,10 @@ def die_with_parent() -> None:
     """SIGTERM this worker when the pdbox that started it dies, even by SIGKILL.
 
     vLLM's API server answers SIGTERM by stopping its engine-core children, so
-    a crashed pdbox leaves no worker behind (the recorded process groups are a
-    second line of defence, for the next `pdbox up`).
+    a crashed pdbox leaves no worker behind. What does not follow that way (a
+    hung server, an engine core still loading the model) is ended by the
+    lifeline every process of the worker runs (lifeline.py); the recorded
+    process groups are the last line of defence, for the next `pdbox up`.
     """
     parent = os.environ.get("PDBOX_PARENT_PID")
     if not parent or not sys.platform.startswith("linux"):

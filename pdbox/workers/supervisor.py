@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from pdbox.workers import pgroup
 from pdbox.workers.vllm import WorkerSpec
 
 STATES = ("starting", "warming", "ready", "draining", "restarting", "failed", "stopped")
@@ -30,26 +31,7 @@ STATES = ("starting", "warming", "ready", "draining", "restarting", "failed", "s
 
 def group_running(pgid: int) -> bool:
     """True while a process of the group is alive (zombies do not count)."""
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return True  # no /proc: trust the signal check
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            # fields[0] is the state, fields[2] the process group.
-            if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-                return True
-        except (OSError, IndexError, ValueError):
-            continue
-    return False
+    return pgroup.running(pgid)
 
 
 class SupervisorError(Exception):
@@ -429,9 +411,11 @@ class Supervisor:
         live += [(w, w.leftover) for w in ws if w.leftover is not None]
         for _, proc in live:
             proc.signal_group(signal.SIGTERM)
+        # The grace is for the whole group: vLLM's engine core and model
+        # workers finish their own clean stop after the main process has gone.
         deadline = self.clock.now() + self.settings.stop_grace_s
         while self.clock.now() < deadline:
-            if all(proc.poll() is not None for _, proc in live):
+            if not any(proc.group_alive() for _, proc in live):
                 break
             await self.clock.sleep(0.1)
         for _, proc in live:

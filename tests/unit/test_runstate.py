@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,12 +165,15 @@ def test_leftover_worker_groups_are_ended(
     assert leader.stdout is not None
     child = int(leader.stdout.readline())
     created = psutil.Process(leader.pid).create_time()
-    _state(tmp_path, pid=_dead_pid(), create_time=1.0, workers=[
+    dead = _dead_pid()
+    _state(tmp_path, pid=dead, create_time=1.0, workers=[
         {"id": "decode-0", "pgid": leader.pid, "create_time": created, "port": 9}])
     t0 = time.monotonic()
     token, notes = prepare(tmp_path)
     assert time.monotonic() - t0 < 2
-    assert notes == ["ended 1 leftover worker group(s) of a pdbox that died"]
+    assert len(notes) == 1
+    assert re.fullmatch(rf"ended 1 leftover worker group\(s\) of pdbox {dead}, which died: "
+                        r"2 process\(es\), gone in \d+\.\d s", notes[0]), notes
     assert leader.wait(timeout=2) in (-signal.SIGTERM, -signal.SIGKILL)
     assert process_gone(child)
     assert (tmp_path / TOKEN).read_text().strip() == token
@@ -187,7 +192,8 @@ def test_a_group_whose_leader_left_is_still_ended(
     assert os.getpgid(orphan) == leader.pid
     state = {"workers": [{"id": "decode-0", "pgid": leader.pid, "create_time": created}]}
     try:
-        assert end_leftovers(state, grace_s=2.0) == 1
+        ended = end_leftovers(state, grace_s=2.0)
+        assert ended.groups == [leader.pid] and ended.processes == 1 and ended.left == []
         assert process_gone(orphan)
     finally:
         try:
@@ -202,10 +208,12 @@ def test_a_group_whose_start_time_differs_is_left_alone(
     """The pid was recycled: it is someone else's process now."""
     other = _group(procs)
     created = psutil.Process(other.pid).create_time()
-    _state(tmp_path, pid=_dead_pid(), workers=[
+    dead = _dead_pid()
+    _state(tmp_path, pid=dead, workers=[
         {"id": "decode-0", "pgid": other.pid, "create_time": created - 100.0}])
     _, notes = prepare(tmp_path)
-    assert notes == []
+    assert notes == [f"pdbox {dead} died without stopping; none of its worker processes "
+                     "was left running"]
     time.sleep(0.2)
     assert other.poll() is None
     os.killpg(other.pid, signal.SIGKILL)
@@ -216,14 +224,14 @@ def test_a_live_leader_without_a_start_time_is_left_alone(
     procs: list[subprocess.Popen[bytes]]
 ) -> None:
     other = _group(procs)
-    assert end_leftovers({"workers": [{"pgid": other.pid, "create_time": None}]}) == 0
+    assert end_leftovers({"workers": [{"pgid": other.pid, "create_time": None}]}).groups == []
     assert other.poll() is None
 
 
 def test_groups_already_gone_and_bad_records_are_skipped() -> None:
     state = {"workers": [{"pgid": _dead_pid(), "create_time": 1.0}, {"pgid": 0}, {"id": "x"}]}
-    assert end_leftovers(state, grace_s=0.1) == 0
-    assert end_leftovers({}) == 0
+    assert end_leftovers(state, grace_s=0.1).groups == []
+    assert end_leftovers({}).groups == []
 
 
 def test_a_group_that_ignores_sigterm_gets_sigkill(
@@ -235,9 +243,57 @@ def test_a_group_that_ignores_sigterm_gets_sigkill(
     created = psutil.Process(stubborn.pid).create_time()
     t0 = time.monotonic()
     assert end_leftovers({"workers": [{"pgid": stubborn.pid, "create_time": created}]},
-                         grace_s=0.5) == 1
+                         grace_s=0.5).groups == [stubborn.pid]
     assert 0.4 < time.monotonic() - t0 < 2
     assert stubborn.wait(timeout=2) == -signal.SIGKILL
+
+
+def _marked(procs: list[subprocess.Popen[bytes]], pdbox: int, start: str) -> subprocess.Popen[bytes]:
+    """A process whose environment says that pdbox `pdbox` started it, in its own group."""
+    env = dict(os.environ, PDBOX_PARENT_PID=str(pdbox), PDBOX_PARENT_START=start)
+    return _group(procs, [sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+
+
+def _environ_set(pid: int) -> None:
+    deadline = time.monotonic() + 5
+    while "PDBOX_PARENT_PID" not in psutil.Process(pid).environ():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_worker_processes_the_state_did_not_record_are_ended(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """A group recorded nowhere (a worker being replaced when pdbox died) is found by the
+    pdbox marks in its environment; a process of another pdbox with the same pid is not."""
+    dead = _dead_pid()
+    unrecorded = _marked(procs, dead, "1000.000")
+    of_another = _marked(procs, dead, "5000.000")  # the pid's earlier or later owner
+    _environ_set(unrecorded.pid)
+    _environ_set(of_another.pid)
+    _state(tmp_path, pid=dead, create_time=1000.0, workers=[])
+    _, notes = prepare(tmp_path)
+    assert unrecorded.wait(timeout=5) == -signal.SIGTERM
+    assert notes and notes[0].startswith(f"ended 1 leftover worker group(s) of pdbox {dead}")
+    assert of_another.poll() is None
+
+
+def test_a_zombie_pdbox_is_not_running(tmp_path: Path) -> None:
+    """A pdbox killed by SIGKILL whose parent has not reaped it yet."""
+    z = subprocess.Popen(["sleep", "60"])
+    created = psutil.Process(z.pid).create_time()
+    z.kill()
+    deadline = time.monotonic() + 3
+    while psutil.Process(z.pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        _state(tmp_path, pid=z.pid, create_time=created, endpoint="x")
+        _, notes = prepare(tmp_path)
+        assert notes == [f"pdbox {z.pid} died without stopping; none of its worker processes "
+                         "was left running"]
+    finally:
+        z.wait()
 
 
 def test_group_alive_ignores_zombies(procs: list[subprocess.Popen[bytes]]) -> None:

@@ -463,6 +463,32 @@ def test_stop_all_returns_once_the_whole_group_is_gone(tmp_path: Path) -> None:
     assert not proc.group_alive() and w.proc is None
 
 
+class _SlowChildren(FakeProc):
+    """The leader leaves at once on SIGTERM; its children take `children_s` longer,
+    as vLLM's engine core does once its API server has gone."""
+
+    children_s = 1.0
+
+    def group_alive(self) -> bool:
+        if self.poll() is None:
+            return True
+        if self.killed_at is not None:
+            return False
+        assert self.exit_at is not None
+        return self.clock.now() < self.exit_at + self.children_s
+
+
+def test_stop_all_gives_the_whole_group_its_grace(tmp_path: Path) -> None:
+    """No SIGKILL while the engine core still stops cleanly after its main process left."""
+    r = Rig(tmp_path, stop_grace_s=10.0)
+    w = r.ready()
+    slow = _SlowChildren(w.pid or 0, r.clock, term_delay=0.0)
+    w.proc = slow
+    asyncio.run(r.sup.stop_all())
+    assert slow.killed_at is not None and slow.killed_at >= 1.0
+    assert r.clock.now() < 1.2
+
+
 def test_stop_all_after_stop_all_and_a_worker_waiting_to_restart(rig: Rig) -> None:
     w = rig.ready()
     rig.launcher.last("decode-0").exit(1)
