@@ -125,6 +125,24 @@ class Pdbox:
         raise AssertionError(f"condition not met in {timeout}s; last status workers: "
                              f"{[(w['id'], w['state']) for w in last.get('workers', [])]}")
 
+    def own_answer(self, worker_id: str, body: dict) -> str:
+        """The chat answer `worker_id` gives to `body` sent to it directly.
+
+        A routed answer is checked against this rather than against a fact
+        ("paris"): the embedded 135M model's greedy answer depends on the
+        CPU's kernels (bf16 on AMX answers the capital question in French),
+        while the same worker, with a prompt shorter than one KV block (no
+        prefix-cache hit), answers the same request the same way every time.
+        """
+        import urllib.request
+
+        port = next(w["port"] for w in self.status()["workers"] if w["id"] == worker_id)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return json.load(r)["choices"][0]["message"]["content"]
+
     def stderr(self) -> str:
         try:
             return self.stderr_path.read_text()

@@ -22,6 +22,7 @@ import pytest
 
 from pdbox.router.kv_events import FAULTS_ENV
 from pdbox.smoke import unique_text
+from pdbox.workers.calibrate import MAX_LONG_TOKENS
 from pdbox.workers.supervisor import group_running
 from tests.e2e.conftest import Pdbox, profile_variant, start_pdbox, stop_group
 from tests.faults.conftest import http_json
@@ -128,7 +129,9 @@ def test_restarted_worker_index_is_cleared_not_kept(box: Pdbox) -> None:
     box.wait_worker(lambda s: any(w["id"] == "decode-0" and w["state"] != "ready"
                                   for w in s["workers"]), timeout=60)
     ready(box)
-    assert feed(box, "decode-0")["blocks"] == 0
+    # A new worker's cache holds only what its warm-up calibration prefilled
+    # (random prompts, at most two long ones), never what it held before.
+    assert feed(box, "decode-0")["blocks"] <= 2 * MAX_LONG_TOKENS // 128
     # What decode-0 held before is not believed any more.
     assert matched(box, PROMPTS[0]) == 0
     until(lambda: feed(box, "decode-0")["restarts"] >= 1)
