@@ -303,3 +303,26 @@ def test_the_models_tokenizer_encodes_a_long_shared_head_once(tmp_path: Any) -> 
         assert calls == (3 if i == 0 else 3 + i)  # checked once, then only the rest
     short = [{"role": "user", "content": "hello"}]
     assert stage.prepare(call_for({"messages": short})).units == len(encode(pt.render_chat(short)))
+
+
+# ------------------------------------------------------------------ record
+
+
+def test_record_keeps_the_decision_and_feeds_the_figures() -> None:
+    import time
+
+    from pdbox.router.record import Decision, Recorder
+    from pdbox.router.soft_roles import RoleMix
+
+    metrics = RouterMetrics()
+    match = PrefixMatch(Registry(), ApproxIndex(100), None)
+    rec = Recorder(metrics, RoleMix(), match)
+    rec.routed(Decision("r-1", "aggregated-0", None, "aggregated", "prefix: ...", 40, 16), [7, 8])
+    assert rec.decisions[-1].request_id == "r-1"
+    assert match.match(["aggregated-0"], [7, 8]) == {"aggregated-0": 2}  # its blocks are there
+    assert metrics.prompt_tokens.total() == 40 and metrics.prefix_tokens.total() == 16
+    rec.ttft(0.05, time.monotonic(), "stream")
+    rec.stream_done(time.monotonic() - 0.2, counted=3, exact=5)
+    assert metrics.output_tokens.total() == 2  # the usage chunk's count tops the events up
+    assert metrics.requests.get(outcome="ok") == 1 and metrics.e2e.n == 1
+    assert metrics.ttft_source.get(source="stream") == 1
