@@ -63,6 +63,10 @@ class Backend:
         """The worker's mean inter-token latency since `since`, as its engine measured it."""
         return summarize(self.engine.since("itl", since)).mean
 
+    def engine_ttft_s(self, since: float) -> float | None:
+        """The worker's mean time to first token since `since`, as its engine measured it."""
+        return summarize(self.engine.since("ttft", since)).mean
+
     def prefix_hit_rate(self) -> float | None:
         q = self.metrics.get("vllm:prefix_cache_queries_total")
         h = self.metrics.get("vllm:prefix_cache_hits_total")

@@ -326,3 +326,29 @@ def test_record_keeps_the_decision_and_feeds_the_figures() -> None:
     assert metrics.output_tokens.total() == 2  # the usage chunk's count tops the events up
     assert metrics.requests.get(outcome="ok") == 1 and metrics.e2e.n == 1
     assert metrics.ttft_source.get(source="stream") == 1
+
+
+def test_a_non_streamed_ttft_the_subtraction_loses_comes_from_the_engine() -> None:
+    """e2e less (tokens - 1) x a mean ITL inflated by other streams' stalls is <= 0:
+    the worker's own TTFT over the window stands in."""
+    import json as _json
+    import time as _time
+
+    from pdbox.router.backends import Backend
+    from pdbox.router.metrics import RouterMetrics
+    from pdbox.router.record import Recorder
+
+    class Worker(Backend):
+        def engine_itl_s(self, since: float) -> float | None:
+            return 0.07
+
+        def engine_ttft_s(self, since: float) -> float | None:
+            return 0.09
+
+    m = RouterMetrics()
+    rec = Recorder(m, None, None)  # type: ignore[arg-type]  (answer() reads neither)
+    w = Worker(id="decode-0", role="decode", url="http://127.0.0.1:1")
+    body = _json.dumps({"usage": {"completion_tokens": 48}, "choices": [{}]}).encode()
+    rec.answer(w, body, _time.monotonic() - 3.0)  # 47 x 0.07 = 3.29 s > 3.0 s
+    assert m.ttft.percentile(0.5) == pytest.approx(0.09)
+    assert m.ttft_source.get(source="engine-window") == 1
