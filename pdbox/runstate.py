@@ -154,16 +154,16 @@ def terminate(groups: list[int], pids: list[int], grace_s: float,
 
     if grace_s > 0:  # else they had their grace already
         for g in groups:
-            _killpg(g, signal.SIGTERM)
+            pgroup.signal_group(g, signal.SIGTERM)
         for q in pids:
-            _kill(q, signal.SIGTERM)
+            pgroup.signal_pid(q, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and alive():
             time.sleep(0.1)
     for g in groups:
-        _killpg(g, signal.SIGKILL)
+        pgroup.signal_group(g, signal.SIGKILL)
     for q in pids:
-        _kill(q, signal.SIGKILL)
+        pgroup.signal_pid(q, signal.SIGKILL)
     # SIGKILL is not instant: ports and memory are free only once they are gone.
     deadline = time.monotonic() + kill_wait_s
     while time.monotonic() < deadline and alive():
@@ -184,18 +184,6 @@ def _group_alive(pgid: int) -> bool:
     return group_running(pgid)
 
 
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def write_state(folder: Path, state: dict[str, Any]) -> None:

@@ -124,7 +124,7 @@ def end_worker(pdbox: int, group: int | None, grace_s: float = GRACE_S,
         _say(f"{len(rest)} process(es) still run {grace_s:.0f} s after SIGTERM; killing "
              + ", ".join(map(str, rest)))
     for pid in rest:  # this process last, so that the others surely get theirs
-        _kill(pid, signal.SIGKILL)
+        pgroup.signal_pid(pid, signal.SIGKILL)
     time.sleep(tracker_s)
     _signal(group, me, signal.SIGKILL)
 
@@ -139,11 +139,6 @@ def _signal(group: int | None, me: int, sig: int) -> None:
         pass
 
 
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _say(message: str) -> None:

@@ -51,3 +51,19 @@ def cmdline(pid: int) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+def signal_pid(pid: int, sig: int) -> None:
+    """Send `sig` to one process; one already gone (or not ours) is no error."""
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    """Send `sig` to a process group; a group already gone is no error."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
