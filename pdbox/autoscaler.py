@@ -51,6 +51,9 @@ class RoleMetrics:
     ready: int
     starting: int = 0  # starting or warming: capacity already on its way
     draining: int = 0  # leaving: no longer capacity
+    # On the box but no capacity to count on: crash-looping (failed again before it
+    # served a stable period, even while it starts again) or unresponsive.
+    failing: int = 0
     waiting: float | None = None  # requests waiting for this role (router + workers)
     mean_wait_s: float | None = None
     ttft_p90_s: float | None = None
@@ -60,8 +63,14 @@ class RoleMetrics:
 
     @property
     def committed(self) -> int:
-        """Workers serving or about to serve: the count a decision moves from."""
+        """Workers serving or about to serve."""
         return self.ready + self.starting
+
+    @property
+    def members(self) -> int:
+        """The role's workers that are not leaving: the count a decision moves from
+        (what the fleet counts), failing ones included."""
+        return self.committed + self.failing
 
 
 @dataclass(frozen=True)
@@ -252,7 +261,7 @@ class Autoscaler:
         `decision.to`. Roles missing from `metrics` are left alone.
         """
         out: list[ScaleDecision] = []
-        committed = {r: m.committed for r, m in metrics.items() if r in self.roles}
+        committed = {r: m.members for r, m in metrics.items() if r in self.roles}
         counts = dict(committed)
         for role, m in metrics.items():
             if role not in self.roles:
@@ -274,7 +283,9 @@ class Autoscaler:
         budget: HardwareBudget | None,
     ) -> ScaleDecision | None:
         rc, st, cfg = self.roles[role], self._state[role], self.cfg
-        cur = m.committed
+        # Decisions count every worker the fleet has; recommendations count
+        # capacity, so failing workers are added on top of what the load asks.
+        cur = m.members
         st.current = cur
         st.blocked = ""
         st.hold = ""
@@ -293,7 +304,10 @@ class Autoscaler:
         if st.history_from is None:
             st.history_from = now
 
-        rec = self._recommend(role, m, cur)
+        rec = self._recommend(role, m, m.committed)
+        if m.failing:
+            rec = _Rec(rec.n + m.failing, rec.metric, rec.value, rec.target,
+                       f"{rec.text}; {m.failing} failing worker(s) not counted as capacity")
         # Panic: the short window's load against what the ready workers are sized for.
         while st.load and st.load[0][0] <= now - cfg.panic_window_s:
             st.load.popleft()

@@ -39,7 +39,11 @@ def role_metrics(
     for role in profile.roles():
         ws = [w for w in workers if w.role == role]
         ready = [w for w in ws if w.state == "ready"]
-        starting = [w for w in ws if w.state in STARTING_STATES]
+        # A crash-looping worker is no capacity on its way, even while it starts
+        # again; an unresponsive one serves nothing until it answers.
+        failing = [w for w in ws if w.state == "unresponsive" or (
+            w.state in (*STARTING_STATES, "backoff") and getattr(w, "crash_looping", False))]
+        starting = [w for w in ws if w.state in STARTING_STATES and w not in failing]
         draining = [w for w in ws if w.state == "draining"]
         bs = [b for b in (backends.get(w.id) for w in ready) if b is not None]
         waiting = float(sum(b.waiting for b in bs))
@@ -55,6 +59,7 @@ def role_metrics(
             util = (sum(vals) / len(vals) / 100.0) if vals else None  # type: ignore[arg-type]
         out[role] = RoleMetrics(
             ready=len(ready), starting=len(starting), draining=len(draining),
+            failing=len(failing),
             waiting=waiting,
             mean_wait_s=mean_wait_s(role, m, bs, now, since),
             ttft_p90_s=m.ttft.percentile(0.9, since) if role != "decode" else None,

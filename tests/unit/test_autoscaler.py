@@ -347,3 +347,27 @@ def test_pure_modules_import_no_heavy_packages() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_failing_worker_is_not_counted_as_capacity() -> None:
+    """decode-0 serves, decode-1 crash-loops: the load that two workers would carry
+    asks for a third member, and the decision counts every member."""
+    a = Autoscaler(pd_profile(decode_max=4, panic_threshold=100.0))
+    target = a.cfg.target_queue_per_worker
+    m = RoleMetrics(ready=1, starting=0, failing=1, waiting=2 * target)
+    (d,) = a.step(5.0, {"decode": m})
+    assert (d.from_, d.to) == (2, 3)
+    assert "1 failing worker(s) not counted as capacity" in d.reason
+
+
+def test_a_failing_worker_alone_holds_the_role_at_its_min() -> None:
+    """min 1, its only worker crash-loops with no load: no second worker for the min."""
+    a = Autoscaler(pd_profile(decode_max=4, decode_min=1))
+    assert a.step(5.0, {"decode": RoleMetrics(ready=0, failing=1, waiting=0.0)}) == []
+
+
+def test_without_failing_workers_nothing_changes() -> None:
+    a, b = (Autoscaler(pd_profile(decode_max=4, panic_threshold=100.0)) for _ in range(2))
+    m = RoleMetrics(ready=1, starting=1, waiting=15.0)
+    assert [d.to_dict() for d in a.step(5.0, {"decode": m})] == [
+        d.to_dict() for d in b.step(5.0, {"decode": dataclasses.replace(m, failing=0)})]

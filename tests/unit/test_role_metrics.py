@@ -113,3 +113,19 @@ def test_itl_without_streams_comes_from_the_engines() -> None:
     b.engine.update(now - 3, {itl: PromHistogram({0.05: 90, math.inf: 100}, 4.0, 100)})
     live = role_metrics(profile, now=now, period_s=15.0, **box)
     assert live["aggregated"].itl_p90_s == pytest.approx(0.05)
+
+
+def test_crash_looping_and_unresponsive_workers_are_failing_not_starting() -> None:
+    profile = config.load("cpu-tiny")
+    now = 1000.0
+    box = busy_box(profile, now)
+
+    def w(wid: str, state: str, looping: bool) -> SimpleNamespace:
+        return SimpleNamespace(id=wid, role="decode", state=state, crash_looping=looping,
+                               spec=SimpleNamespace(cores="1"))
+
+    box["workers"] += [w("decode-1", "starting", True), w("decode-2", "backoff", True),
+                       w("decode-3", "unresponsive", False), w("decode-4", "restarting", False)]
+    m = role_metrics(profile, now=now, period_s=15.0, **box)["decode"]
+    assert (m.ready, m.starting, m.failing) == (1, 1, 3)
+    assert m.members == 5 and m.committed == 2
