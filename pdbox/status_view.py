@@ -7,13 +7,35 @@ autoscaler's snapshots, and the hardware readings.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from pdbox.config import Profile
 
 
-def workers_view(backends: dict[str, Any], managed: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per worker: routed ones first from the registry, then those not yet in it."""
+def health_view(w: Any, now: float) -> dict[str, Any]:
+    """What the supervisor knows of a managed worker's failures: its failures in a
+    row, whether it crash-loops, its back-off and when it tries next, and how long
+    it has been silent on /health."""
+    nxt = w.next_try_in(now)
+    silent = now - w.unhealthy_since if w.unhealthy_since is not None else None
+    return {
+        "failures": w.failures,
+        "crash_looping": w.crash_looping,
+        "backoff_s": round(w.backoff_s, 1) if nxt is not None else None,
+        "next_try_in_s": round(nxt, 1) if nxt is not None else None,
+        "missed_probes": w.missed_probes,
+        "silent_s": round(silent, 1) if silent is not None else None,
+    }
+
+
+def workers_view(backends: dict[str, Any], managed: dict[str, Any],
+                 now: float | None = None) -> list[dict[str, Any]]:
+    """One row per worker: routed ones first from the registry, then those not yet in it.
+
+    `now` is the supervisor's clock (monotonic), for the back-off's countdown.
+    """
+    now = time.monotonic() if now is None else now
     rows = []
     for b in backends.values():
         w = managed.get(b.id)
@@ -32,6 +54,7 @@ def workers_view(backends: dict[str, Any], managed: dict[str, Any]) -> list[dict
             "restarts": w.restarts if w else 0, "routed": b.routed,
             "last_recovery_s": w.last_recovery_s if w else None,
             "log": str(w.log_path) if w else None,
+            **(health_view(w, now) if w else {}),
         })
     for w in managed.values():
         if w.id not in backends:
@@ -41,7 +64,8 @@ def workers_view(backends: dict[str, Any], managed: dict[str, Any]) -> list[dict
                          "memory_fraction": w.spec.memory_fraction, "queue": None,
                          "running": None, "inflight": 0, "kv_usage": None,
                          "prefix_hit_rate": None, "restarts": w.restarts,
-                         "last_recovery_s": w.last_recovery_s, "log": str(w.log_path)})
+                         "last_recovery_s": w.last_recovery_s, "log": str(w.log_path),
+                         **health_view(w, now)})
     rows.sort(key=lambda x: x["id"])
     return rows
 

@@ -3,6 +3,7 @@ table would reset the cursor and cost a full relayout every second."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.text import Text
@@ -18,8 +19,22 @@ COLUMNS = (
 )
 STATE_STYLE = {
     "ready": "bold green", "starting": "yellow", "warming": "yellow",
-    "draining": "magenta", "restarting": "magenta", "failed": "bold red", "stopped": "dim",
+    "unresponsive": "bold yellow", "draining": "magenta", "restarting": "magenta",
+    "backoff": "bold red", "failed": "bold red", "stopped": "dim",
 }
+
+
+def state_text(w: dict[str, Any]) -> str:
+    """The state, with the back-off (failures in a row, next try in N s) while a
+    worker waits to start again, and how long an unresponsive one has been silent."""
+    state = str(w.get("state") or fmt.NA)
+    nxt = w.get("next_try_in_s")
+    if state in ("restarting", "backoff") and isinstance(nxt, int | float):
+        return f"{state} ×{w.get('failures') or 1} · next {math.ceil(nxt)}s"
+    silent = w.get("silent_s")
+    if state == "unresponsive" and isinstance(silent, int | float):
+        return f"{state} {silent:.0f}s"
+    return state
 
 
 def cells(w: dict[str, Any]) -> tuple[Any, ...]:
@@ -27,7 +42,7 @@ def cells(w: dict[str, Any]) -> tuple[Any, ...]:
     return (
         str(w.get("id", "?")),
         fmt.role_mix(w),
-        Text(state, style=STATE_STYLE.get(state, ""), justify="left"),
+        Text(state_text(w), style=STATE_STYLE.get(state, ""), justify="left"),
         fmt.integer(w.get("pid")),
         fmt.integer(w.get("port")),
         fmt.worker_slice(w),
