@@ -16,14 +16,22 @@ Who goes next is the waiter with the smallest *virtual start*:
   (`max_cost_s`), so a long request is overtaken only by requests arriving
   within that window, never indefinitely.
 
-Two rules keep interactive requests within their TTFT target under overload:
+A request is refused (429) only when it could not be answered in time:
 
-- batch requests may hold at most `batch_share` of the in-flight slots, so an
-  interactive request finds a free slot soon even when batch traffic floods;
-- an interactive request whose expected wait already exceeds `interactive_wait_s`
-  (the profile's TTFT target) is refused at once (429) instead of queued to
-  miss it, and an interactive request at a full queue turns away the newest
-  batch waiter.
+- `wait_limit_s` (the router passes `router.request_timeout_s`, the longest a
+  request may stay open): a request whose predicted wait plus a slot's hold
+  passes it is refused at once, since queued it would end in a timeout. Below
+  that it queues, however many workers are down: while capacity is short the
+  queue, not a refusal, is the quickest way to an answer. Nothing here is a
+  per-worker constant; the slots are what the workers run (admit.py);
+- `queue_bound` bounds the router's memory, whatever the prediction.
+
+Batch requests may hold at most `batch_share` of the in-flight slots, so an
+interactive request finds a free slot soon even when batch traffic floods,
+and an interactive request at a full queue turns away the newest batch
+waiter. `interactive_wait_s` (off unless given) refuses an interactive request
+expected to wait longer than that at once, for a box that would rather answer
+429 than miss a TTFT target.
 
 A refused request is told when to come back (Retry-After), and the answer is
 meant to be true for well-behaved clients (the openai SDKs retry twice and
@@ -109,6 +117,7 @@ class Admission:
         prior_hold_s: float = 2.0,
         batch_share: float = 0.5,
         interactive_wait_s: float | None = None,
+        wait_limit_s: float | None = None,
     ):
         if queue_bound < 0 or max_inflight < 1:
             raise ValueError("queue_bound must be ≥ 0 and max_inflight ≥ 1")
@@ -124,6 +133,8 @@ class Admission:
         self._inflight_batch = 0
         self.batch_share = batch_share
         self.interactive_wait_s = interactive_wait_s
+        self.wait_limit_s = wait_limit_s
+        self.refused_by: dict[str, int] = {"limit": 0, "queue_bound": 0, "ttft": 0}
         self._hold_s = prior_hold_s  # EWMA of how long a ticket is held
         self.rejected = 0
         self.admitted = 0
@@ -163,15 +174,21 @@ class Admission:
         ticket = Ticket(priority, est_tokens, now)
         if self._inflight < self.max_inflight and not self._heap and self._may_start(priority):
             return self._admit(ticket, now)
-        if priority == "interactive" and self.interactive_wait_s is not None and not retried:
+        expected: float | None = None
+        if self.wait_limit_s is not None:
             expected = self.expected_wait_s(priority)
+            if expected + self.hold_estimate_s() > self.wait_limit_s:
+                self._refused("limit")
+                raise QueueFull(self._promise(expected), self.queued)
+        if priority == "interactive" and self.interactive_wait_s is not None and not retried:
+            expected = self.expected_wait_s(priority) if expected is None else expected
             if expected > self.interactive_wait_s:
-                self.rejected += 1
+                self._refused("ttft")
                 raise QueueFull(self._promise(expected), self.queued)
         if self.queued >= self.queue_bound and not (
             priority == "interactive" and self._turn_away_batch()
         ):
-            self.rejected += 1
+            self._refused("queue_bound")
             raise QueueFull(self.retry_after_s(), self.queued)
         fut: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
         heapq.heappush(
@@ -202,6 +219,10 @@ class Admission:
         held = max(0.0, self.clock() - ticket.admitted)
         self._hold_s += 0.2 * (held - self._hold_s)
         self._dispatch()
+
+    def _refused(self, rule: str) -> None:
+        self.rejected += 1
+        self.refused_by[rule] += 1
 
     def retry_after_s(self) -> float:
         """When a client refused now should come back: after the queue ahead of it
@@ -269,6 +290,10 @@ class Admission:
             "queue_bound": self.queue_bound,
             "admitted": self.admitted,
             "rejected": self.rejected,
+            "rejected_limit": self.refused_by["limit"],
+            "rejected_queue_bound": self.refused_by["queue_bound"],
+            "rejected_ttft": self.refused_by["ttft"],
+            "wait_limit_s": self.wait_limit_s or 0.0,
             "hold_s": round(self.hold_estimate_s(), 3),
             "slots_coming": sum(n for _, n in self._coming),
             "retries_promised": sum(1 for p in self._promised if p > now),
@@ -298,7 +323,7 @@ class Admission:
                     newest = w
         if newest is None:
             return False
-        self.rejected += 1
+        self._refused("queue_bound")
         newest.future.set_exception(QueueFull(self.retry_after_s(), self.queued))
         return True
 

@@ -17,6 +17,7 @@ requests wait in the router's fair queue rather than in vLLM's).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -32,7 +33,8 @@ from pdbox.router.prompt import Prompt
 
 
 class Refused(Exception):
-    """The request is not admitted; `response` is the 429 to answer."""
+    """The request is not admitted; `response` is the answer (429, or 504 when it
+    waited until its time limit)."""
 
     def __init__(self, response: web.Response) -> None:
         super().__init__("refused")
@@ -59,14 +61,27 @@ class AdmitStage:
     def slots(self, b: Backend) -> int:
         return worker_slots(b) if self.from_workers else self.per_worker
 
-    async def acquire(self, call: Call, prompt: Prompt) -> Ticket:
+    async def acquire(self, call: Call, prompt: Prompt, deadline: float | None = None) -> Ticket:
+        """A slot; `deadline` (monotonic) bounds the wait: the request's time limit.
+
+        Admission refuses what it predicts would wait past the limit; a request
+        that was admitted to the queue and still reaches the limit there (the
+        workers went slower than predicted) ends with an explicit 504.
+        """
         if self.from_workers:  # the workers' reports move with every scrape
             self.resize()
         key = object()  # the autoscaler's mean wait reads the oldest waiter's age
         self.metrics.waiting_since[key] = time.monotonic()
         try:
-            ticket = await self.admission.acquire(call.priority, prompt.est_tokens,
-                                                  retried=call.retried)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            async with asyncio.timeout(left):
+                ticket = await self.admission.acquire(call.priority, prompt.est_tokens,
+                                                      retried=call.retried)
+        except TimeoutError:
+            self.metrics.requests.inc(outcome="timeout")
+            raise Refused(oe.error_response(
+                504, "The request waited in pdbox's queue until its time limit.", "timeout",
+                headers={"Retry-After": "1"})) from None
         except QueueFull as exc:
             self.metrics.rejected.inc()
             self.metrics.requests.inc(outcome="rejected")

@@ -37,13 +37,13 @@ from pdbox.config import Profile, parse_core_set
 from pdbox.router import openai_errors as oe
 from pdbox.router.admission import Admission
 from pdbox.router.admit import AdmitStage, Refused
-from pdbox.router.backends import Registry
+from pdbox.router.backends import Backend, Registry
 from pdbox.router.choose import PathChooser, Reply, Route
 from pdbox.router.kv_events import render_prometheus
 from pdbox.router.legs import Legs
 from pdbox.router.match import PrefixMatch
 from pdbox.router.metrics import RouterMetrics
-from pdbox.router.migration import Migrator, Settings, stall_timeout_s
+from pdbox.router.migration import Migrator, Settings
 from pdbox.router.parse import Call, RequestParser
 from pdbox.router.policy import PDDecider, Picker
 from pdbox.router.prefix_index import ApproxIndex, PreciseIndex
@@ -52,7 +52,9 @@ from pdbox.router.record import Decision, Recorder
 from pdbox.router.relay import Relay
 from pdbox.router.soft_roles import RoleMix, SoftRoles
 from pdbox.router.soft_roles import Settings as SoftSettings
+from pdbox.router.stalls import CPU_STEP_TOKENS, Freezes, Frozen, stall_bound_s
 from pdbox.router.status import RouterStatus
+from pdbox.workers.vllm import extra_flag_value, gpu_batch_limits
 
 __all__ = ["Decision", "Router"]
 
@@ -99,17 +101,23 @@ class Router:
         if self.precise is not None and events is not None:
             # Gaps, replays and dead KV-event streams go to the TUI's Events pane.
             self.precise.on_event = lambda message: events("kv", message)
-        # An interactive request expected to wait more than half its TTFT target
-        # (the other half is for prefill and the first token) is refused at once
-        # rather than queued to miss it.
+        # A request is refused only when its predicted wait would keep it open
+        # past the profile's limit; below that it queues, however few workers
+        # are up (admission.py).
         self.admission = Admission(queue_bound=r.queue_bound,
                                    max_inflight=max(1, r.max_inflight_per_worker),
-                                   interactive_wait_s=0.5 * profile.slo.ttft_s)
+                                   wait_limit_s=r.request_timeout_s)
         self.metrics = RouterMetrics()
-        # Streams whose worker dies or stalls continue on another (migration.py).
-        self.migrator = Migrator(registry, events,
-                                 Settings(stall_s=stall_timeout_s(profile.slo.itl_s)),
-                                 roles=self.serving_roles)
+        # Workers taken for frozen from their streams, and the probe that brings
+        # them back (stalls.py).
+        self.freezes = Freezes(registry, events, on_change=self.capacity_changed,
+                               probe_body={"model": served_names[0] if served_names else "",
+                                           "prompt": "hi", "max_tokens": 1})
+        # Streams whose worker dies or stalls continue on another (migration.py),
+        # waiting for one as long as the request's limit allows.
+        self.migrator = Migrator(registry, events, Settings(wait_s=r.request_timeout_s),
+                                 roles=self.serving_roles, stall_s=self.stall_bound_s,
+                                 freezes=self.freezes)
         # Warm-up calibration per slice key (pdbox/calibration.py): measured
         # speeds that seed the decider, admission and soft roles.
         self.calibration: dict[str, Calibration] = {}
@@ -133,7 +141,8 @@ class Router:
         self.relay = Relay(self.recorder, self.decider, self.match, self.migrator, timeout)
         self.status = RouterStatus(registry, self.metrics, self.admission, self.decider,
                                    self.soft, self.role_mix, self.precise, self.recorder,
-                                   self.legs, self.calibration, self._slice_key)
+                                   self.legs, self.calibration, self._slice_key,
+                                   self.migrator)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -152,8 +161,10 @@ class Router:
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         self.legs.session = self.session
+        self.freezes.session = self.session
 
     async def close(self) -> None:
+        self.freezes.close()
         if self.session is not None:
             await self.session.close()
 
@@ -237,17 +248,20 @@ class Router:
             self.recorder.outcome("bad_request")
             return oe.from_exc(exc)
         self.parser.to_vllm_priority(call)
+        # No request stays open past the profile's limit: every wait and leg
+        # below gets what is left of it.
+        deadline = call.t0 + self.profile.router.request_timeout_s
         try:
-            ticket = await self.admit.acquire(call, prompt)  # 3. admit
+            ticket = await self.admit.acquire(call, prompt, deadline)  # 3. admit
         except Refused as refused:
             return refused.response
         try:
-            return await self._route(request, call, prompt)
+            return await self._route(request, call, prompt, deadline)
         finally:
             self.admit.release(ticket)
 
     async def _route(self, request: web.Request, call: Call,
-                     prompt: Prompt) -> web.StreamResponse:
+                     prompt: Prompt, deadline: float) -> web.StreamResponse:
         self.match.size_index()
         excluded: set[str] = set()
         attempt = 0
@@ -260,8 +274,8 @@ class Router:
                     self.recorder.outcome(reply.outcome)
                 return reply.response
             if route.prefill is not None:
-                await self.legs.prefill(call, prompt, route)  # 5. legs: prefill
-            answer = await self._decode(request, call, prompt, route)
+                await self.legs.prefill(call, prompt, route, deadline)  # 5. legs: prefill
+            answer = await self._decode(request, call, prompt, route, deadline)
             if answer is not None:
                 return answer
             # Failed before the first byte: once more on another worker.
@@ -269,16 +283,22 @@ class Router:
             self.metrics.retries.inc()
 
     async def _decode(self, request: web.Request, call: Call, prompt: Prompt,
-                      route: Route) -> web.StreamResponse | None:
+                      route: Route, deadline: float) -> web.StreamResponse | None:
         """5. the decode leg, 6. relay, 7. record; None: try another worker."""
         decision = self.legs.decision(call, prompt, route)
         sent, body, strip_usage = self.legs.upstream_body(call)
         with self.legs.open(call, prompt, route):
             try:
-                upstream = await self.legs.send_decode(call, route, body)
+                upstream = await self.legs.send_decode(call, route, body, deadline)
             except (TimeoutError, aiohttp.ClientError) as exc:
-                if not route.last_try:
-                    return None
+                if time.monotonic() >= deadline:
+                    self.recorder.outcome("timeout")
+                    return oe.error_response(
+                        504, f"Worker {route.decode.id} did not answer within the request's "
+                        f"time limit ({self.profile.router.request_timeout_s:.0f} s).",
+                        "timeout", headers=route.headers)
+                if not route.last_try or isinstance(exc, Frozen):
+                    return None  # another worker; a frozen one is out of the rotation now
                 self.recorder.outcome("error")
                 return oe.error_response(502, f"Worker {route.decode.id} failed: {exc}.",
                                          "upstream_error", headers=route.headers)
@@ -288,10 +308,10 @@ class Router:
                     return None
                 self.recorder.routed(decision, prompt.hashes)
                 if upstream.status != 200 or not call.stream:
-                    return await self.relay.answer(upstream, call, route)
+                    return await self.relay.answer(upstream, call, route, deadline)
                 assert self.session is not None
                 return await self.relay.stream(request, self.session, upstream, call, route,
-                                               sent, strip_usage, prompt.tokens)
+                                               sent, strip_usage, prompt.tokens, deadline)
 
     # ---------------------------------------------------------- calibration
 
@@ -311,6 +331,26 @@ class Router:
             cap = self._per_worker_cap()
             self.soft.settings = dataclasses.replace(
                 self.soft.settings, max_streams=cal.streams_within(self.profile.slo.itl_s, cap))
+
+    def stall_bound_s(self, b: Backend) -> float:
+        """Silence after which `b` is taken for frozen: STEP_MARGIN longest steps
+        at its slice's measured prefill speed (stalls.py)."""
+        self.decider.set_slice(b.id, self._slice_key(b.role))
+        return stall_bound_s(self._step_tokens(b.role), self.decider.prefill_tps(b.id),
+                             self.profile.slo.itl_s)
+
+    def _step_tokens(self, role: str) -> int:
+        """The most prompt tokens a worker of `role` computes in one engine step."""
+        try:
+            rc = self.profile.role(role)
+        except KeyError:
+            return CPU_STEP_TOKENS
+        if self.profile.hardware.device == "cuda":
+            return gpu_batch_limits(self.profile, rc)[0]
+        flag = extra_flag_value(self.profile, "--max-num-batched-tokens")
+        if flag and flag.isdigit():
+            return int(flag)
+        return rc.max_num_batched_tokens or CPU_STEP_TOKENS
 
     def _per_worker_cap(self) -> int:
         """Whole streams a prefill worker may take under soft roles: the profile's cap,

@@ -10,6 +10,7 @@ which tries another worker once.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from pdbox.router.prompt import Prompt
 from pdbox.router.record import Decision
 from pdbox.router.soft_roles import SoftRoles
 from pdbox.router.sse_meter import wants_usage, with_usage
+from pdbox.router.stalls import STEP_MARGIN, Frozen
 
 
 class Legs:
@@ -52,10 +54,30 @@ class Legs:
 
     # -------------------------------------------------------------- prefill
 
-    async def prefill(self, call: Call, prompt: Prompt, route: Route) -> None:
+    def prefill_bound_s(self, worker_id: str, uncached: int, now: float,
+                        deadline: float | None) -> float:
+        """How long a prefill leg may take before its worker is taken for stalled.
+
+        The prefills queued there and this prompt at the worker's measured speed,
+        plus one longest step (stalls.py), STEP_MARGIN times over; never past
+        `router.prefill_timeout_s` nor the request's deadline. A leg that waits
+        longer falls back to a local prefill rather than wait on a frozen worker.
+        """
+        tps = self.decider.prefill_tps(worker_id)
+        need = self.decider.queue_s(worker_id, now) + uncached / max(tps, 1.0)
+        bound = STEP_MARGIN * need + self.migrator.stall_s_of(worker_id)
+        if deadline is not None:
+            bound = min(bound, max(0.001, deadline - now))
+        return min(bound, self.prefill_timeout_s)
+
+    async def prefill(self, call: Call, prompt: Prompt, route: Route,
+                      deadline: float | None = None) -> None:
         """Leg 1 of a remote route: the prefill worker computes the prompt's KV.
 
-        On failure the route falls back to a local prefill, and says why.
+        On failure the route falls back to a local prefill, and says why. A leg
+        that outlasts its bound, or whose worker is taken for frozen meanwhile
+        (another of its legs stalled), falls back at once and takes the worker
+        for stalled: nothing waits on a frozen prefill worker.
         """
         prefill = route.prefill
         assert prefill is not None and self.session is not None
@@ -64,17 +86,30 @@ class Legs:
         self.soft.leg_started(prefill.id)
         # The decider times the leg net of the prefills already queued there.
         sent = time.monotonic()
+        bound = self.prefill_bound_s(prefill.id, route.uncached, sent, deadline)
         self.decider.prefill_sent(prefill.id, rid, route.uncached, sent)
         ok = False
+        leg = asyncio.ensure_future(prefill_leg(self.session, prefill.url, call.path, call.body,
+                                                rid, bound))
+        freezes = self.migrator.freezes
+        key = freezes.watch(prefill.id, leg.cancel)
         try:
-            route.kv_params = await prefill_leg(self.session, prefill.url, call.path, call.body,
-                                                rid, self.prefill_timeout_s)
+            try:
+                route.kv_params = await leg
+            except asyncio.CancelledError:
+                if not leg.cancelled() or _cancelling():
+                    raise  # the client went away: not the worker's doing
+                raise PrefillFailed("prefill worker taken for frozen") from None
             ok = True
             self.metrics.routed.inc(worker=prefill.id, leg="prefill")
             self.match.record(prefill.id, prompt.hashes)
             self.match.sent(rid, prefill.id, prompt.hashes, sent)
             self.match.blocks_cached(rid)
         except PrefillFailed as exc:
+            if "timed out" in str(exc) and bound < self.prefill_timeout_s and (
+                    deadline is None or time.monotonic() < deadline):
+                # Past what its queue and speed explain: frozen, or as good as.
+                freezes.stalled(prefill, f"its prefill leg took over {bound:.1f} s")
             self.metrics.fallbacks.inc(cause=_cause(str(exc)))
             route.pd, route.prefill = "local", None
             route.reason = f"local (fallback): {exc}"
@@ -82,6 +117,9 @@ class Legs:
                 self.events("router", f"{rid}: prefill on {prefill.id} failed, "
                             f"decoding locally: {exc}")
         finally:
+            freezes.unwatch(prefill.id, key)
+            if not leg.done():
+                leg.cancel()
             prefill.inflight -= 1
             self.soft.leg_ended(prefill.id, time.monotonic())
             self.decider.prefill_done(prefill.id, rid, time.monotonic(), ok)
@@ -145,21 +183,49 @@ class Legs:
         # generated ids back for token-id prompts, so a moved stream continues exactly
         return sent, self.migrator.first_leg(sent, call.path), strip_usage
 
-    async def send_decode(self, call: Call, route: Route,
-                          body: dict[str, Any]) -> aiohttp.ClientResponse:
-        """Leg 2 (or the only leg); raises TimeoutError or aiohttp.ClientError."""
+    async def send_decode(self, call: Call, route: Route, body: dict[str, Any],
+                          deadline: float | None = None) -> aiohttp.ClientResponse:
+        """Leg 2 (or the only leg); raises TimeoutError or aiohttp.ClientError.
+
+        Its timeout is what is left of the request's time limit (`deadline`),
+        so the answer, streamed or not, ends by then.
+        """
         assert self.session is not None
         # Bytes: a str body costs aiohttp an extra payload wrapper per request.
         data = body_bytes(call, decode_body(body, route.kv_params))
         url = f"{route.decode.url}{call.path}"
         headers = {"Content-Type": "application/json", "X-Request-Id": call.request_id}
+        timeout = self.timeout
+        if deadline is not None:
+            timeout = aiohttp.ClientTimeout(total=max(0.001, deadline - time.monotonic()),
+                                            sock_connect=self.timeout.sock_connect)
+        # A worker taken for frozen (another of its streams stalled) sends no headers
+        # either: the wait for them is cancelled then, and the request goes elsewhere.
+        # The request's own task is cancelled and uncancelled, not a task made per request.
+        task = asyncio.current_task()
+        frozen: list[bool] = []
+
+        def fail() -> None:
+            if task is not None and not frozen:
+                frozen.append(True)
+                task.cancel()
+
+        freezes = self.migrator.freezes
+        key = freezes.watch(route.decode.id, fail)
         try:
-            return await self.session.post(url, data=data, headers=headers,
-                                           timeout=self.timeout)
-        except aiohttp.ServerDisconnectedError:
-            # A pooled connection the worker had just closed: one fresh try.
-            return await self.session.post(url, data=data, headers=headers,
-                                           timeout=self.timeout)
+            try:
+                return await self.session.post(url, data=data, headers=headers,
+                                               timeout=timeout)
+            except aiohttp.ServerDisconnectedError:
+                # A pooled connection the worker had just closed: one fresh try.
+                return await self.session.post(url, data=data, headers=headers,
+                                               timeout=timeout)
+        except asyncio.CancelledError:
+            if frozen and task is not None and task.uncancel() == 0:
+                raise Frozen(f"{route.decode.id} was taken for frozen") from None
+            raise
+        finally:
+            freezes.unwatch(route.decode.id, key)
 
 
 def body_bytes(call: Call, body: dict[str, Any]) -> bytes:
@@ -188,7 +254,15 @@ def _header_safe(text: str) -> str:
     return text.translate(_UNSAFE).encode("ascii", "replace").decode()
 
 
+def _cancelling() -> bool:
+    """Whether the running task itself is being cancelled (the client left)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def _cause(message: str) -> str:
+    if "frozen" in message:
+        return "stalled"
     if "timed out" in message:
         return "timeout"
     if "unreachable" in message:

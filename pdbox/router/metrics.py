@@ -211,7 +211,13 @@ class RouterMetrics:
     """Everything the router measures about the requests it serves."""
 
     def __init__(self) -> None:
-        self.requests = Counter("pdbox_requests_total", "Requests by outcome.")
+        self.requests = Counter(
+            "pdbox_requests_total",
+            "Requests by how they ended: ok (a whole answer), error_event (a stream ended "
+            "by an explicit error event), error (502 before the answer), upstream_error (the "
+            "worker's own error passed on), timeout (504 or an error event at "
+            "router.request_timeout_s), rejected (429), unavailable (503), bad_request, "
+            "client_closed.")
         self.ttft = Histogram(
             "pdbox_ttft_seconds",
             "Time to first token from the router's view: the first token event of a stream; "

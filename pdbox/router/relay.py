@@ -25,7 +25,7 @@ from pdbox.router import openai_errors as oe
 from pdbox.router.backends import Backend
 from pdbox.router.choose import Route
 from pdbox.router.match import PrefixMatch
-from pdbox.router.migration import MigratingStream, Migrator
+from pdbox.router.migration import MigratingStream, Migrator, PastDeadline
 from pdbox.router.parse import Call
 from pdbox.router.policy import PDDecider
 from pdbox.router.record import Recorder
@@ -54,12 +54,17 @@ class Relay:
         self.timeout = timeout
 
     async def answer(self, upstream: aiohttp.ClientResponse, call: Call,
-                     route: Route) -> web.Response:
+                     route: Route, deadline: float | None = None) -> web.Response:
         """A whole answer (or a worker's error), passed on as it came."""
         decode = route.decode
         try:
             data = await upstream.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                self.recorder.outcome("timeout")
+                return oe.error_response(504, f"Worker {decode.id} did not finish within the "
+                                         "request's time limit.", "timeout",
+                                         headers=route.headers)
             self.recorder.outcome("error")
             return oe.error_response(502, f"Worker {decode.id} failed: {exc}.",
                                      "upstream_error", headers=route.headers)
@@ -74,9 +79,9 @@ class Relay:
     async def stream(self, request: web.Request, session: aiohttp.ClientSession,
                      upstream: aiohttp.ClientResponse, call: Call, route: Route,
                      sent: dict[str, Any], strip_usage: bool,
-                     prompt_tokens: int) -> web.StreamResponse:
+                     prompt_tokens: int, deadline: float | None = None) -> web.StreamResponse:
         source = self.migrator.stream(session, upstream, route.decode, sent, call.path,
-                                      call.request_id, prompt_tokens, self.timeout)
+                                      call.request_id, prompt_tokens, self.timeout, deadline)
         try:
             return await self._pass(request, upstream, source, call, route, strip_usage)
         finally:
@@ -155,9 +160,16 @@ class Relay:
 
     async def _failed(self, resp: web.StreamResponse, decode: Backend,
                       exc: BaseException) -> None:
-        err = oe.error_body(502, f"Worker {decode.id} failed mid-stream: {exc}.",
-                            "upstream_error")
-        self.recorder.outcome("error")
+        """End the stream with an explicit error event, then [DONE]: counted as a
+        timeout when the request reached its time limit, else as an error event."""
+        if isinstance(exc, PastDeadline):
+            err = oe.error_body(504, f"The request reached its time limit mid-stream: {exc}.",
+                                "timeout")
+            self.recorder.outcome("timeout")
+        else:
+            err = oe.error_body(502, f"Worker {decode.id} failed mid-stream: {exc}.",
+                                "upstream_error")
+            self.recorder.outcome("error_event")
         try:
             await resp.write(f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode())
             await resp.write_eof()

@@ -13,6 +13,7 @@ from pdbox.router.backends import Backend, Registry
 from pdbox.router.engine_stats import engine_snapshot
 from pdbox.router.legs import Legs
 from pdbox.router.metrics import RouterMetrics
+from pdbox.router.migration import Migrator
 from pdbox.router.policy import PDDecider
 from pdbox.router.prefix_index import PreciseIndex
 from pdbox.router.record import Recorder
@@ -24,7 +25,7 @@ class RouterStatus:
                  decider: PDDecider, soft: SoftRoles, role_mix: RoleMix,
                  precise: PreciseIndex | None, recorder: Recorder, legs: Legs,
                  calibration: dict[str, Calibration],
-                 slice_key: Callable[[str], str]) -> None:
+                 slice_key: Callable[[str], str], migrator: Migrator | None = None) -> None:
         self.registry = registry
         self.metrics = metrics
         self.admission = admission
@@ -36,6 +37,7 @@ class RouterStatus:
         self.legs = legs
         self.calibration = calibration
         self.slice_key = slice_key
+        self.migrator = migrator
         self._seen: dict[tuple[str, ...], tuple[float, ...]] = {}
         # worker -> (sum, count) of its engine prefill time when last learnt from
         self._prefill_seen: dict[str, tuple[float, float]] = {}
@@ -119,6 +121,11 @@ class RouterStatus:
             "fallbacks": int(m.fallbacks.total()),
             "rejected_429": int(m.rejected.total()),
             "queued": self.admission.queued,
+            # Each way a request ended (pdbox_requests_total), and why 429s were given.
+            "ends": {dict(k).get("outcome", ""): int(v) for k, v in m.requests.values.items()},
+            "rejected_by": dict(self.admission.refused_by),
+            # Streams moved off dead or frozen workers, and the workers taken for frozen.
+            "migrations": self.migrator.snapshot() if self.migrator is not None else {},
             "nixl_xfer_ms": xfer_ms,
             "nixl_mb_per_s": mbps,
             "policy": policy,

@@ -312,3 +312,44 @@ def test_a_retried_interactive_request_is_queued_not_refused_again() -> None:
             adm.release(await w)
 
     run(go())
+
+
+def test_capacity_down_queues_what_can_be_answered_within_the_limit() -> None:
+    """12 closed-loop clients on one worker's 8 slots (the other worker dead):
+    the 4 extra wait about one hold each, far inside a 60 s limit, so none is
+    refused; only a wait past the limit is refused, with Retry-After."""
+    clock = Clock()
+
+    async def go() -> None:
+        adm = Admission(queue_bound=64, max_inflight=8, clock=clock, prior_hold_s=5.0,
+                        wait_limit_s=60.0)
+        held = [await adm.acquire() for _ in range(8)]
+        queued = [asyncio.create_task(adm.acquire()) for _ in range(4)]
+        await asyncio.sleep(0)
+        assert adm.queued == 4 and adm.rejected == 0
+        # 60 more wait at most 64 / 8 holds (40 s) and then hold 5 s: all queued.
+        more = [asyncio.create_task(adm.acquire()) for _ in range(60)]
+        await asyncio.sleep(0)
+        assert adm.queued == 64 and adm.rejected == 0
+        with pytest.raises(QueueFull):  # the queue bound still bounds memory
+            await adm.acquire()
+        assert adm.refused_by["queue_bound"] == 1 and adm.refused_by["limit"] == 0
+        for t in more:
+            t.cancel()
+        await asyncio.gather(*more, return_exceptions=True)
+        slow = Admission(queue_bound=64, max_inflight=1, clock=clock, prior_hold_s=30.0,
+                         wait_limit_s=60.0)
+        h = await slow.acquire()
+        waiter = asyncio.create_task(slow.acquire())  # waits 30 s, then holds 30 s: in time
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull) as info:  # 60 s of wait, then 30 s: past the limit
+            await slow.acquire("batch")
+        assert slow.refused_by["limit"] == 1 and info.value.retry_after_s >= 1
+        slow.release(h)
+        slow.release(await waiter)
+        for ticket in held:
+            adm.release(ticket)
+        for t in queued:
+            adm.release(await t)
+
+    asyncio.run(go())

@@ -8,13 +8,12 @@ from typing import Any
 import pytest
 
 from pdbox.router.migration import (
-    STALL_FLOOR_S,
     Splice,
     UpstreamError,
     refusal,
-    stall_timeout_s,
     upstream_body,
 )
+from pdbox.router.stalls import STEP_MARGIN, stall_bound_s
 from tests.helpers import sse_events
 
 CHAT = {"model": "m", "stream": True, "max_tokens": 10,
@@ -41,9 +40,14 @@ def usage_chunk(prompt: int, completion: int, cid: str = "chatcmpl-a") -> bytes:
                                         "total_tokens": prompt + completion}})
 
 
-def test_stall_timeout_follows_the_itl_target_with_a_floor() -> None:
-    assert stall_timeout_s(0.25) == STALL_FLOOR_S
-    assert stall_timeout_s(1.0) == 20.0
+def test_stall_bound_is_a_margin_over_the_longest_step_the_worker_takes() -> None:
+    # A 2048-token chunk at 2048 tokens/s is a 1 s step, plus the ITL target.
+    assert stall_bound_s(2048, 2048.0, 0.25) == pytest.approx(STEP_MARGIN * 1.25)
+    # A machine that prefills 5x slower waits 5x longer for the same chunk.
+    slow = stall_bound_s(2048, 2048.0 / 5, 0.25)
+    assert slow == pytest.approx(STEP_MARGIN * 5.25)
+    # No speed learnt: never a division by zero.
+    assert stall_bound_s(2048, 0.0, 0.25) > 0
 
 
 @pytest.mark.parametrize(("body", "kind", "why"), [

@@ -129,7 +129,7 @@ def test_no_worker_to_take_it_ends_with_an_explicit_error() -> None:
         assert "mid-stream" in err["message"] and "no worker could take it over" in err["message"]
         text = await box.metrics()
         assert 'pdbox_migrations_total{outcome="failed"} 1' in text
-        assert 'pdbox_requests_total{outcome="error"} 1' in text
+        assert 'pdbox_requests_total{outcome="error_event"} 1' in text
 
     run(check, {"aggregated-0": MockConfig(tokens=64)})
 
@@ -255,3 +255,106 @@ def test_mock_stalls_on_request_and_continues_where_the_text_stops() -> None:
             assert text == " t2 t3 t4"
 
     asyncio.run(go())
+
+
+def test_a_stream_survives_a_crash_per_worker_move_and_more_than_three() -> None:
+    """Four crashes in one answer (two per worker): four moves, one whole answer."""
+    async def check(box: Box) -> None:
+        seen = record_events(box)
+        s = box.router.migrator.settings
+        s.exclude_s = 0.05  # the mocks never read "not ready": let a failed one back soon
+        s.poll_s = 0.02
+        box.mocks["aggregated-0"].faults = Faults(fail_after_chunks=4, count=2)
+        box.mocks["aggregated-1"].faults = Faults(fail_after_chunks=3, count=2)
+        body = chat("count", stream=True, max_tokens=N, stream_options={"include_usage": True})
+        async with box.post("/v1/chat/completions", body) as r:
+            events = sse_events(await r.read())
+        chunks, rest = split(events)
+        assert not [e for e in events if isinstance(e, dict) and "error" in e], events[-3:]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert text == tokens_text(N) and events.count("[DONE]") == 1
+        assert [e for e in rest if isinstance(e, dict) and "usage" in e][0]["usage"][
+            "completion_tokens"] == N
+        metrics = await box.metrics()
+        assert 'pdbox_migrations_total{outcome="moved"} 4' in metrics
+        assert 'pdbox_moved_streams_total{moves="4"} 1' in metrics
+        assert [m for m in seen if "(move 4;" in m]
+        snap = box.router.snapshot()["migrations"]
+        assert snap["moved"] == 4 and snap["most_moves"] == 4
+
+    run(check, TWO, profile(policy="round_robin"))
+
+
+def test_a_request_that_kills_every_worker_stops_after_two_moves_per_worker() -> None:
+    async def check(box: Box) -> None:
+        s = box.router.migrator.settings
+        s.exclude_s = 0.05
+        s.poll_s = 0.02
+        for m in box.mocks.values():
+            m.faults = Faults(fail_after_chunks=3)
+        async with box.post("/v1/chat/completions", chat(stream=True, max_tokens=N)) as r:
+            events = sse_events(await r.read())
+        assert events[-1] == "[DONE]"
+        assert "already moved 4 times" in events[-2]["error"]["message"]
+        assert box.router.migrator.move_budget() == 4
+
+    run(check, TWO, profile(policy="round_robin"))
+
+
+def test_a_frozen_worker_fails_all_its_legs_and_leaves_the_rotation_until_it_answers() -> None:
+    """One stream stalls: its worker is taken for frozen; a request still waiting
+    for that worker's headers goes elsewhere at once; nothing new is sent there;
+    the probe's one-token answer brings it back."""
+    async def check(box: Box) -> None:
+        seen: list[str] = []
+        box.router.freezes.events = lambda kind, msg: seen.append(msg)
+        box.router.migrator.settings.stall_s = 0.3
+        box.router.migrator._stall_s = None  # the fixed bound above, not the derived one
+        box.router.freezes.probe_s = 0.1
+        frozen = box.mocks["aggregated-0"]
+        reg = box.router.registry
+        reg.get("aggregated-1").state = "starting"  # both requests land on aggregated-0
+        frozen.faults = Faults(stall_after_chunks=4, count=1)
+        first = asyncio.ensure_future(box.client.post(
+            f"{box.url}/v1/chat/completions", json=chat("a", stream=True, max_tokens=N)))
+        await until(lambda: frozen.stats.requests == 1)
+        frozen.faults = Faults(hang=True, count=1)
+        second = asyncio.ensure_future(box.client.post(
+            f"{box.url}/v1/chat/completions", json=chat("b", stream=True, max_tokens=N)))
+        await until(lambda: frozen.stats.requests == 2)
+        reg.get("aggregated-1").state = "ready"
+        r1 = await first
+        t0 = asyncio.get_running_loop().time()
+        e1 = sse_events(await r1.read())
+        r2 = await asyncio.wait_for(second, 5)
+        e2 = sse_events(await r2.read())
+        took = asyncio.get_running_loop().time() - t0
+        for events in (e1, e2):
+            chunks, _ = split(events)
+            text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+            assert text == tokens_text(N) and events[-1] == "[DONE]", events[-3:]
+        assert r2.headers["x-pdbox-decode-worker"] == "aggregated-1"
+        assert took < 3  # not the request's time limit
+        assert [m for m in seen if "aggregated-0 taken for frozen" in m]
+        # Back in rotation once it answers the probe (its faults are spent).
+        await until(lambda: reg.get("aggregated-0").state == "ready")
+        assert [m for m in seen if "aggregated-0 answers again" in m]
+        assert box.router.snapshot()["migrations"]["frozen"]["seen"] == 1
+
+    run(check, TWO, profile(policy="round_robin"))
+
+
+def test_a_stream_ends_with_a_timeout_event_at_the_request_limit() -> None:
+    async def check(box: Box) -> None:
+        box.mocks["aggregated-0"].faults = Faults(stall_after_chunks=4, count=1)
+        box.router.migrator.settings.stall_s = 30.0  # the limit comes first
+        box.router.migrator._stall_s = None
+        t0 = asyncio.get_running_loop().time()
+        async with box.post("/v1/chat/completions", chat(stream=True, max_tokens=N)) as r:
+            events = sse_events(await r.read())
+        took = asyncio.get_running_loop().time() - t0
+        assert events[-1] == "[DONE]" and events[-2]["error"]["type"] == "timeout"
+        assert 0.9 < took < 2.0
+        assert 'pdbox_requests_total{outcome="timeout"} 1' in await box.metrics()
+
+    run(check, {"aggregated-0": MockConfig(tokens=64)}, profile(request_timeout_s=1.0))

@@ -438,7 +438,7 @@ def test_reset_after_first_byte_ends_stream_with_error_event() -> None:
         assert len(ev) == 5  # role + 2 tokens, the error, [DONE]
         assert box.requests_seen() == 1  # no retry once bytes went out
         text = await box.metrics()
-        assert 'pdbox_requests_total{outcome="error"} 1' in text
+        assert 'pdbox_requests_total{outcome="error_event"} 1' in text
 
     run(check, TWO, profile(policy="round_robin"))
 
