@@ -60,7 +60,10 @@ MOVES_PER_WORKER = 2
 POLL_S = 0.25
 KEEPALIVE_S = 5.0
 KEEPALIVE = b": pdbox: continuing this stream on another worker\n\n"
-COMING_STATES = ("starting", "warming", "restarting")
+# States of a worker that may serve again soon (the supervisor's; "unresponsive" is a
+# worker silent to its health probe that may answer again, "backoff" one that
+# restarts after a pause).
+COMING_STATES = ("starting", "warming", "restarting", "unresponsive", "backoff")
 DEADLINE_SLACK_S = 0.05
 
 
