@@ -271,3 +271,27 @@ def http_json(url: str, body: Any = None, headers: dict[str, str] | None = None,
             return exc.code, json.loads(raw)
         except ValueError:
             return exc.code, raw.decode(errors="replace")
+
+
+def stream_events(box: Any, body: dict[str, Any], on_first: Callable[[], None] | None = None,
+                  timeout: float = 120) -> tuple[list[Any], float]:
+    """POST a streamed chat to `box.endpoint`; call on_first() after the third
+    event; return the events (parsed, "[DONE]" as is) and the seconds it took."""
+    import urllib.request
+
+    req = urllib.request.Request(f"{box.endpoint}/chat/completions",
+                                 data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.monotonic()
+    events: list[Any] = []
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        while True:
+            line = r.readline()
+            if not line:
+                break
+            if line.startswith(b"data: "):
+                data = line[6:].strip()
+                events.append("[DONE]" if data == b"[DONE]" else json.loads(data))
+                if len(events) == 3 and on_first is not None:
+                    on_first()
+    return events, time.monotonic() - t0

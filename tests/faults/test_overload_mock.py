@@ -105,7 +105,8 @@ def box(tmp_path: Path, mocks: list[MockProcess]) -> Iterator[AttachedPdbox]:
 
 def test_overload_10x_for_60s(box: AttachedPdbox) -> None:
     """10x the sustainable rate for 60 s: bounded memory, 429 + Retry-After past the
-    queue bound, interactive TTFT within the SLO, nothing lost, recovery without restart."""
+    request limit or the queue bound, interactive ahead of batch, nothing lost,
+    recovery without restart."""
     pid = box.proc.pid
     rate = 10 * SUSTAINABLE_RPS
     # 10 % interactive (half the capacity), the rest batch.
@@ -116,9 +117,12 @@ def test_overload_10x_for_60s(box: AttachedPdbox) -> None:
     assert s["refused"] == 0
     assert s["rejected_429"] > 0 and s["missing_retry_after"] == 0
     assert s["errors"] == 0, s["error_kinds"]
-    # Admitted interactive requests overtake the batch queue.
+    # Admitted interactive requests overtake the batch queue. Admission queues
+    # whatever it predicts to answer within the request limit and refuses only
+    # past it, so an admitted request waits less than the limit, not less than
+    # the TTFT target (docs/RELIABILITY.md).
     inter, batch = s["ttft"]["interactive"], s["ttft"]["batch"]
-    assert inter["n"] > 0 and inter["p99_s"] <= SLO_TTFT_S, inter
+    assert inter["n"] > 0 and inter["p99_s"] <= REQUEST_TIMEOUT_S, inter
     assert batch["p50_s"] > inter["p50_s"], (inter, batch)
     # Memory: the queue is bounded, so is the router.
     rss = s["rss_mb"]
@@ -187,8 +191,8 @@ def test_worker_sigkill_and_sigstop_under_load(box: AttachedPdbox,
     assert s["lost"] == 0, s
     assert s["duplicated"] == 0, s
     assert s["refused"] == 0
-    # No request outlived its timeout (plus the retry on the other worker).
-    assert s["longest_s"] <= 2 * REQUEST_TIMEOUT_S + 5, s
+    # No request outlived its time limit: every wait and leg shares one deadline.
+    assert s["longest_s"] <= REQUEST_TIMEOUT_S + 2, s
     # Most requests were served by the surviving worker.
     assert s["completed"] >= 0.7 * s["sent"], s
     snap = status(box)

@@ -358,3 +358,29 @@ def test_a_stream_ends_with_a_timeout_event_at_the_request_limit() -> None:
         assert 'pdbox_requests_total{outcome="timeout"} 1' in await box.metrics()
 
     run(check, {"aggregated-0": MockConfig(tokens=64)}, profile(request_timeout_s=1.0))
+
+
+def test_a_prefill_leg_past_its_bound_falls_back_and_its_worker_is_taken_for_frozen() -> None:
+    """The bound is the prefill's queue and speed, not router.prefill_timeout_s (60 s)."""
+    from tests.unit.test_router_app import LONG, PD
+
+    async def check(box: Box) -> None:
+        box.router.migrator._stall_s = None
+        box.router.migrator.settings.stall_s = 0.3
+        box.router.freezes.probe_s = 0.1
+        # A measured 20,000 tokens/s: ~675 tokens take 0.03 s, so the bound is ~0.45 s.
+        box.router.decider.seed(box.router._slice_key("prefill"), 20000.0)
+        box.mocks["prefill-0"].faults = Faults(hang=True, count=1)
+        t0 = asyncio.get_running_loop().time()
+        async with box.post("/v1/chat/completions", chat(LONG, stream=True)) as r:
+            assert r.headers["x-pdbox-pd"] == "local", r.headers["x-pdbox-pd-reason"]
+            events = sse_events(await r.read())
+        assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
+        assert asyncio.get_running_loop().time() - t0 < 1.5
+        prefill = box.router.registry.get("prefill-0")
+        frozen = box.router.snapshot()["migrations"]["frozen"]
+        assert frozen["seen"] == 1 and frozen["last"][0]["worker"] == "prefill-0"
+        assert 'pdbox_fallbacks_total{cause="timeout"} 1' in await box.metrics()
+        await until(lambda: prefill.state == "ready")  # its probe was answered
+
+    run(check, PD, pd_profile())
