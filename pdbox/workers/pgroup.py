@@ -34,6 +34,21 @@ def live_pids(pgid: int) -> list[int]:
     return out
 
 
+def stopped_pids(pgid: int) -> list[int]:
+    """The group's processes that are stopped (SIGSTOP, or traced): alive, but they
+    run nothing until continued."""
+    out = []
+    for pid in live_pids(pgid):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state in (b"T", b"t"):
+            out.append(pid)
+    return out
+
+
 def running(pgid: int) -> bool:
     """True while a process of the group is alive (zombies do not count)."""
     try:

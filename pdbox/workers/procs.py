@@ -40,6 +40,7 @@ class Proc(Protocol):
     def signal_group(self, sig: int) -> None: ...
     def group_alive(self) -> bool: ...
     def segments(self) -> set[str]: ...
+    def stopped(self) -> list[int]: ...
 
 
 class Launcher(Protocol):
@@ -73,6 +74,11 @@ class PopenProc:
     def segments(self) -> set[str]:
         """The /dev/shm files the group's live processes map or hold open."""
         return shm.group_segments(self.popen.pid)
+
+    def stopped(self) -> list[int]:
+        """Processes of the group stopped by a signal. vLLM's /health is the API
+        server's alone: with only the engine core stopped it still answers."""
+        return pgroup.stopped_pids(self.popen.pid)
 
 
 class PopenLauncher:

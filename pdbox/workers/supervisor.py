@@ -280,7 +280,10 @@ class Supervisor:
                                          for w, _ in due))
             for (w, proc), ok in zip(due, oks, strict=True):
                 if self._current(w, proc):
-                    self._probed(w, proc, ok, now)
+                    # /health is the API server's alone: a stopped engine core
+                    # (SIGSTOP) is seen in /proc instead.
+                    stopped = proc.stopped() if ok else []
+                    self._probed(w, proc, ok and not stopped, now, stopped)
 
     async def _starting(self, w: Worker, proc: Proc, now: float) -> None:
         if await self.prober.healthy(w.spec) and self._current(w, proc):
@@ -309,8 +312,9 @@ class Supervisor:
         w.segments |= proc.segments()
         self._set(w, "ready", self._ready_message(w, now))
 
-    def _probed(self, w: Worker, proc: Proc, ok: bool, sent_at: float) -> None:
-        """One /health probe's answer: a miss, a freeze, a hang, or back to ready."""
+    def _probed(self, w: Worker, proc: Proc, ok: bool, sent_at: float,
+                stopped: list[int] | None = None) -> None:
+        """One probe's answer: a miss, a freeze, a hang, or back to ready."""
         now = self.clock.now()
         if ok:
             if w.state == "unresponsive" and w.unhealthy_since is not None:
@@ -323,9 +327,11 @@ class Supervisor:
         if w.unhealthy_since is None:
             w.unhealthy_since = sent_at
         if w.state == "ready" and w.missed_probes >= fz.misses:
+            what = (f"has stopped process(es) {', '.join(map(str, stopped))}" if stopped else
+                    f"missed {w.missed_probes} /health probes of "
+                    f"{self.probe_timeout_s(w):.1f} s")
             self._set(w, "unresponsive", (
-                f"{w.id} missed {w.missed_probes} /health probes of "
-                f"{self.probe_timeout_s(w):.1f} s; not routed to until it answers "
+                f"{w.id} {what}; not routed to until it answers "
                 f"(restarted if silent for {fz.restart_after_s:.0f} s)"))
         if now - w.unhealthy_since >= fz.restart_after_s:
             self.on_event("worker", f"{w.id} stopped answering /health for "

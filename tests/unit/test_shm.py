@@ -60,3 +60,25 @@ def test_nothing_outside_dev_shm_is_touched(tmp_path: Path) -> None:
     assert shm.remove_left({str(f), "/dev/shm/../etc/passwd", "/dev/shm/gone-" + str(
         time.time())}) == []
     assert f.exists()
+
+
+def test_a_stopped_process_of_a_group_is_seen() -> None:
+    from pdbox.workers import pgroup
+
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                         start_new_session=True)
+    try:
+        assert pgroup.stopped_pids(p.pid) == []
+        os.kill(p.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while not pgroup.stopped_pids(p.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pgroup.stopped_pids(p.pid) == [p.pid]
+        os.kill(p.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 5
+        while pgroup.stopped_pids(p.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pgroup.stopped_pids(p.pid) == []
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(5)

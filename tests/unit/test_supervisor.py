@@ -72,6 +72,7 @@ class FakeProc:
         self.orphans_ignore_term = False
         # The /dev/shm files its processes map (the real one reads /proc).
         self.shm: set[str] = set()
+        self.stopped_pids: list[int] = []  # processes of the group in state T
 
     def poll(self) -> int | None:
         if self.code is None and self.exit_at is not None and self.clock.now() >= self.exit_at:
@@ -101,6 +102,9 @@ class FakeProc:
 
     def segments(self) -> set[str]:
         return set(self.shm) if self.group_alive() else set()
+
+    def stopped(self) -> list[int]:
+        return list(self.stopped_pids)
 
 
 class FakeLauncher:
@@ -557,6 +561,22 @@ def test_an_unresponsive_worker_that_answers_again_is_ready(rig: Rig) -> None:
     rig.clock.advance(10)
     rig.tick()
     assert w.state == "unresponsive" and rig.launcher.last("decode-0").signals == []
+
+
+def test_a_stopped_engine_core_is_a_freeze_though_health_answers(rig: Rig) -> None:
+    """vLLM's /health is the API server's: a SIGSTOPped engine core is seen in /proc."""
+    w = rig.ready()
+    proc = rig.launcher.last("decode-0")
+    proc.stopped_pids = [4242]
+    rig.tick()
+    rig.clock.advance(0.5)
+    rig.tick()
+    assert w.state == "unresponsive"
+    assert any("has stopped process(es) 4242; not routed to" in e for e in rig.events)
+    proc.stopped_pids = []  # SIGCONT
+    rig.clock.advance(0.5)
+    rig.tick()
+    assert w.state == "ready"
 
 
 def test_one_miss_is_not_a_freeze(rig: Rig) -> None:
