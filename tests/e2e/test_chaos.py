@@ -252,7 +252,9 @@ def kill_prefill_between_legs(box: Pdbox) -> float:
             time.sleep(0.05)
         else:
             pytest.fail("the prefill leg did not finish in time")
-        os.kill(prefill["pid"], signal.SIGKILL)
+        # The whole group: the KV and the NIXL agent live in the engine core, which
+        # outlives a SIGKILL of the main process alone until the supervisor ends it.
+        os.killpg(os.getpgid(prefill["pid"]), signal.SIGKILL)
         t_kill = time.monotonic()
     finally:
         os.killpg(decode_group, signal.SIGCONT)
