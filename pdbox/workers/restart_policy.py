@@ -107,7 +107,8 @@ class Freeze:
         return max(self.floor_s, self.multiple * (step + self.itl_s))
 
     def detect_bound_s(self, step_s: float | None, interval_s: float, tick_s: float) -> float:
-        """The longest a freeze goes unnoticed: up to one probe interval before the
-        first probe, `misses` probes timing out, a tick between them."""
-        return interval_s + self.misses * self.probe_timeout_s(step_s) + (
-            self.misses - 1) * tick_s
+        """The longest a freeze goes unnoticed: up to one probe interval (the probe
+        timeout, at most `interval_s`) before the first probe, `misses` probes
+        timing out, a tick between them."""
+        timeout = self.probe_timeout_s(step_s)
+        return min(interval_s, timeout) + self.misses * timeout + (self.misses - 1) * tick_s

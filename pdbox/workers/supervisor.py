@@ -267,9 +267,11 @@ class Supervisor:
                 if w.state == "ready" and w.failures and self.settings.backoff().forgiven(
                         w.ready_since, now):
                     w.failures = 0  # served long enough: earlier failures are forgiven
-                # Probing costs the worker's API server CPU on its own core; every
-                # couple of seconds is plenty, but a miss is checked again at once.
-                interval = 0.0 if w.missed_probes else self.settings.health_interval_s
+                # A probe costs the API server about 2 ms; one per probe timeout
+                # (at most health_interval_s apart) keeps the freeze bound at three
+                # timeouts and a tick, and a miss is checked again at once.
+                interval = 0.0 if w.missed_probes else min(
+                    self.settings.health_interval_s, self.probe_timeout_s(w))
                 if now - w.last_probe >= interval:
                     w.last_probe = now
                     due.append((w, proc))

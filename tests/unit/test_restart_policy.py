@@ -54,6 +54,6 @@ def test_the_probe_timeout_and_the_detection_bound() -> None:
     assert f.probe_timeout_s(0.062) == pytest.approx(1.248)
     assert f.probe_timeout_s(None) == 1.0
     assert Freeze(itl_s=0.05).probe_timeout_s(0.02) == 1.0  # floor on a fast GPU slice
-    # up to one interval before the first probe, two timeouts, a tick between them
+    # up to one interval (the timeout) before the first probe, two timeouts, a tick
     assert f.detect_bound_s(0.062, interval_s=2.0, tick_s=0.5) == pytest.approx(
-        2.0 + 2 * 1.248 + 0.5)
+        3 * 1.248 + 0.5)

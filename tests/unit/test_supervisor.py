@@ -579,6 +579,17 @@ def test_a_stopped_engine_core_is_a_freeze_though_health_answers(rig: Rig) -> No
     assert w.state == "ready"
 
 
+def test_a_ready_worker_is_probed_once_per_probe_timeout(rig: Rig) -> None:
+    rig.ready()
+    asked = len(rig.prober.asked)
+    rig.clock.advance(0.5)
+    rig.tick()
+    assert len(rig.prober.asked) == asked  # within the interval: min(2 s, the 1 s timeout)
+    rig.clock.advance(0.5)
+    rig.tick()
+    assert len(rig.prober.asked) == asked + 1
+
+
 def test_one_miss_is_not_a_freeze(rig: Rig) -> None:
     w = rig.ready()
     rig.prober.health["decode-0"] = False
