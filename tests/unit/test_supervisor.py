@@ -581,6 +581,7 @@ def test_a_stopped_engine_core_is_a_freeze_though_health_answers(rig: Rig) -> No
 
 def test_a_ready_worker_is_probed_once_per_probe_timeout(rig: Rig) -> None:
     rig.ready()
+    rig.tick()  # the first probe of a ready worker comes at once
     asked = len(rig.prober.asked)
     rig.clock.advance(0.5)
     rig.tick()
