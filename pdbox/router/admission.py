@@ -19,11 +19,14 @@ Who goes next is the waiter with the smallest *virtual start*:
 A request is refused (429) only when it could not be answered in time:
 
 - `wait_limit_s` (the router passes `router.request_timeout_s`, the longest a
-  request may stay open): a request whose predicted wait plus a slot's hold
-  passes it is refused at once, since queued it would end in a timeout. Below
-  that it queues, however many workers are down: while capacity is short the
-  queue, not a refusal, is the quickest way to an answer. Nothing here is a
-  per-worker constant; the slots are what the workers run (admit.py);
+  request may stay open): a request whose predicted wait plus LIMIT_HOLDS
+  slot holds passes it is refused at once, since queued it would end in a
+  timeout. Below that it queues, however many workers are down: while
+  capacity is short the queue, not a refusal, is the quickest way to an
+  answer. A waiter that the prediction failed (interactive requests kept
+  overtaking it, holds grew) is refused when it has less than LIMIT_HOLDS
+  holds left, with Retry-After, rather than left to time out. Nothing here is
+  a per-worker constant; the slots are what the workers run (admit.py);
 - `queue_bound` bounds the router's memory, whatever the prediction.
 
 Batch requests may hold at most `batch_share` of the in-flight slots, so an
@@ -67,6 +70,11 @@ from dataclasses import dataclass, field
 
 PRIORITIES = ("interactive", "batch")
 
+
+# A request needs this many slot holds left before its limit to be worth
+# starting: one for its own service, one for a hold longer than the mean (the
+# mean is of requests already served; a request's own length is unknown).
+LIMIT_HOLDS = 2.0
 
 # The longest Retry-After the common SDKs honour (openai-python: 60 s before
 # 2.x, 120 s after); past it they retry at once with a short backoff or give up.
@@ -177,7 +185,7 @@ class Admission:
         expected: float | None = None
         if self.wait_limit_s is not None:
             expected = self.expected_wait_s(priority)
-            if expected + self.hold_estimate_s() > self.wait_limit_s:
+            if expected + LIMIT_HOLDS * self.hold_estimate_s() > self.wait_limit_s:
                 self._refused("limit")
                 raise QueueFull(self._promise(expected), self.queued)
         if priority == "interactive" and self.interactive_wait_s is not None and not retried:
@@ -196,6 +204,8 @@ class Admission:
             _Waiter(self.virtual_start(priority, est_tokens, now), next(self._seq), ticket, fut),
         )
         self._dispatch()
+        if self.wait_limit_s is not None and not fut.done():
+            self._watch_limit(ticket, fut)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -219,6 +229,27 @@ class Admission:
         held = max(0.0, self.clock() - ticket.admitted)
         self._hold_s += 0.2 * (held - self._hold_s)
         self._dispatch()
+
+    def _watch_limit(self, ticket: Ticket, fut: asyncio.Future[Ticket]) -> None:
+        """Refuse the waiter once it has less than LIMIT_HOLDS holds left before its
+        limit (checked when that time comes, with the hold as it is then)."""
+        assert self.wait_limit_s is not None
+        left = ticket.arrived + self.wait_limit_s - self.clock()
+        due = left - LIMIT_HOLDS * self.hold_estimate_s()
+
+        def check() -> None:
+            if fut.done():
+                return
+            if ticket.arrived + self.wait_limit_s - self.clock() \
+                    >= LIMIT_HOLDS * self.hold_estimate_s() + 0.05:
+                self._watch_limit(ticket, fut)  # holds got shorter: look again then
+                return
+            self._refused("limit")
+            fut.set_exception(QueueFull(self._promise(self.expected_wait_s(ticket.priority)),
+                                        self.queued))
+            self._compact()
+
+        asyncio.get_running_loop().call_later(max(0.0, due), check)
 
     def _refused(self, rule: str) -> None:
         self.rejected += 1

@@ -327,7 +327,7 @@ def test_capacity_down_queues_what_can_be_answered_within_the_limit() -> None:
         queued = [asyncio.create_task(adm.acquire()) for _ in range(4)]
         await asyncio.sleep(0)
         assert adm.queued == 4 and adm.rejected == 0
-        # 60 more wait at most 64 / 8 holds (40 s) and then hold 5 s: all queued.
+        # 60 more wait at most 64 / 8 holds (40 s), then need two holds (10 s): all queued.
         more = [asyncio.create_task(adm.acquire()) for _ in range(60)]
         await asyncio.sleep(0)
         assert adm.queued == 64 and adm.rejected == 0
@@ -337,12 +337,13 @@ def test_capacity_down_queues_what_can_be_answered_within_the_limit() -> None:
         for t in more:
             t.cancel()
         await asyncio.gather(*more, return_exceptions=True)
-        slow = Admission(queue_bound=64, max_inflight=1, clock=clock, prior_hold_s=30.0,
+        slow = Admission(queue_bound=64, max_inflight=1, clock=clock, prior_hold_s=20.0,
                          wait_limit_s=60.0)
         h = await slow.acquire()
-        waiter = asyncio.create_task(slow.acquire())  # waits 30 s, then holds 30 s: in time
+        waiter = asyncio.create_task(slow.acquire())  # waits 20 s, two holds left: queued
         await asyncio.sleep(0)
-        with pytest.raises(QueueFull) as info:  # 60 s of wait, then 30 s: past the limit
+        assert slow.queued == 1
+        with pytest.raises(QueueFull) as info:  # 40 s of wait, then 40 s: past the limit
             await slow.acquire("batch")
         assert slow.refused_by["limit"] == 1 and info.value.retry_after_s >= 1
         slow.release(h)
@@ -351,5 +352,26 @@ def test_capacity_down_queues_what_can_be_answered_within_the_limit() -> None:
             adm.release(ticket)
         for t in queued:
             adm.release(await t)
+
+    asyncio.run(go())
+
+
+def test_a_waiter_the_prediction_failed_is_refused_before_its_limit() -> None:
+    """Holds grew after it queued: once less than two holds are left before its
+    limit it gets 429 with Retry-After, not a timeout later."""
+    clock = Clock()
+
+    async def go() -> None:
+        adm = Admission(queue_bound=8, max_inflight=1, clock=clock, prior_hold_s=0.01,
+                        wait_limit_s=0.5)
+        held = await adm.acquire()
+        waiter = asyncio.create_task(adm.acquire())
+        await asyncio.sleep(0)
+        assert adm.queued == 1
+        clock.t = 0.45  # the holder is still there: its age is the hold now
+        with pytest.raises(QueueFull):
+            await asyncio.wait_for(waiter, 2)
+        assert adm.refused_by["limit"] == 1 and adm.queued == 0
+        adm.release(held)
 
     asyncio.run(go())
