@@ -52,7 +52,7 @@ from pdbox.router.record import Decision, Recorder
 from pdbox.router.relay import Relay
 from pdbox.router.soft_roles import RoleMix, SoftRoles
 from pdbox.router.soft_roles import Settings as SoftSettings
-from pdbox.router.stalls import CPU_STEP_TOKENS, Freezes, Frozen, stall_bound_s
+from pdbox.router.stalls import CPU_STEP_TOKENS, UNRESPONSIVE, Freezes, Frozen, stall_bound_s
 from pdbox.router.status import RouterStatus
 from pdbox.workers.vllm import extra_flag_value, gpu_batch_limits
 
@@ -181,8 +181,16 @@ class Router:
         return self.recorder.decisions
 
     def capacity_changed(self, coming_ready_at: list[float] | None = None) -> None:
-        """Admission capacity follows the workers that can serve (admit.py)."""
+        """Admission capacity follows the workers that can serve (admit.py).
+
+        A worker the supervisor's health probe found silent (`unresponsive`) is
+        frozen as one seen from its streams: its open legs go elsewhere now
+        rather than wait for its restart (stalls.py).
+        """
         self.admit.resize(coming_ready_at)
+        for b in self.registry.backends.values():
+            if b.state == UNRESPONSIVE and self.freezes.open_legs(b.id):
+                self.freezes.fail_legs(b.id)
 
     def serving_roles(self) -> tuple[str, ...]:
         """Roles that may serve a request end to end: soft roles add prefill workers."""

@@ -40,6 +40,8 @@ CPU_STEP_TOKENS = 2048
 # longer bound, a faster one a shorter bound.
 STEP_MARGIN = 4.0
 STALLED = "stalled"  # registry state of a worker taken for frozen
+# The supervisor's state for a worker silent to its health probe (workers/supervisor.py).
+UNRESPONSIVE = "unresponsive"
 
 
 class Frozen(aiohttp.ServerTimeoutError):
@@ -117,7 +119,11 @@ class Freezes:
                 task = asyncio.get_running_loop().create_task(self._probe(b))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-        for fail in list(self._legs.get(b.id, {}).values()):
+        self.fail_legs(b.id)
+
+    def fail_legs(self, worker_id: str) -> None:
+        """End every leg open on the worker now (each goes elsewhere or falls back)."""
+        for fail in list(self._legs.get(worker_id, {}).values()):
             fail()
 
     async def _probe(self, b: Backend) -> None:

@@ -384,3 +384,24 @@ def test_a_prefill_leg_past_its_bound_falls_back_and_its_worker_is_taken_for_fro
         await until(lambda: prefill.state == "ready")  # its probe was answered
 
     run(check, PD, pd_profile())
+
+
+def test_a_worker_the_supervisor_finds_unresponsive_loses_its_legs_at_once() -> None:
+    async def check(box: Box) -> None:
+        box.router.migrator._stall_s = None
+        box.router.migrator.settings.stall_s = 30.0  # its streams alone would wait long
+        frozen = box.mocks["aggregated-0"]
+        frozen.faults = Faults(stall_after_chunks=4, count=1)
+        t0 = asyncio.get_running_loop().time()
+        async with box.post("/v1/chat/completions", chat(stream=True, max_tokens=N)) as r:
+            await until(lambda: frozen.stats.requests == 1)
+            await asyncio.sleep(0.2)
+            box.router.registry.get("aggregated-0").state = "unresponsive"
+            box.router.capacity_changed()
+            events = sse_events(await r.read())
+        chunks, _ = split(events)
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert text == tokens_text(N) and events[-1] == "[DONE]"
+        assert asyncio.get_running_loop().time() - t0 < 3
+
+    run(check, TWO, profile(policy="round_robin"))
