@@ -64,7 +64,9 @@ import asyncio
 import heapq
 import itertools
 import math
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -75,6 +77,8 @@ PRIORITIES = ("interactive", "batch")
 # starting: one for its own service, one for a hold longer than the mean (the
 # mean is of requests already served; a request's own length is unknown).
 LIMIT_HOLDS = 2.0
+
+RECENT_HOLDS = 32  # holds the service time is the median of
 
 # The longest Retry-After the common SDKs honour (openai-python: 60 s before
 # 2.x, 120 s after); past it they retry at once with a short backoff or give up.
@@ -144,6 +148,7 @@ class Admission:
         self.wait_limit_s = wait_limit_s
         self.refused_by: dict[str, int] = {"limit": 0, "queue_bound": 0, "ttft": 0}
         self._hold_s = prior_hold_s  # EWMA of how long a ticket is held
+        self._recent_holds: deque[float] = deque(maxlen=RECENT_HOLDS)
         self.rejected = 0
         self.admitted = 0
         self.max_retry_after_s = MAX_RETRY_AFTER_S
@@ -185,7 +190,7 @@ class Admission:
         expected: float | None = None
         if self.wait_limit_s is not None:
             expected = self.expected_wait_s(priority)
-            if expected + LIMIT_HOLDS * self.hold_estimate_s() > self.wait_limit_s:
+            if expected + LIMIT_HOLDS * self.service_s() > self.wait_limit_s:
                 self._refused("limit")
                 raise QueueFull(self._promise(expected), self.queued)
         if priority == "interactive" and self.interactive_wait_s is not None and not retried:
@@ -228,6 +233,7 @@ class Admission:
             self._inflight_batch -= 1
         held = max(0.0, self.clock() - ticket.admitted)
         self._hold_s += 0.2 * (held - self._hold_s)
+        self._recent_holds.append(held)
         self._dispatch()
 
     def _watch_limit(self, ticket: Ticket, fut: asyncio.Future[Ticket]) -> None:
@@ -235,13 +241,13 @@ class Admission:
         limit (checked when that time comes, with the hold as it is then)."""
         assert self.wait_limit_s is not None
         left = ticket.arrived + self.wait_limit_s - self.clock()
-        due = left - LIMIT_HOLDS * self.hold_estimate_s()
+        due = left - LIMIT_HOLDS * self.service_s()
 
         def check() -> None:
             if fut.done():
                 return
             if ticket.arrived + self.wait_limit_s - self.clock() \
-                    >= LIMIT_HOLDS * self.hold_estimate_s() + 0.05:
+                    >= LIMIT_HOLDS * self.service_s() + 0.05:
                 self._watch_limit(ticket, fut)  # holds got shorter: look again then
                 return
             self._refused("limit")
@@ -270,6 +276,19 @@ class Admission:
         request has been released yet to teach the running mean."""
         if seconds > 0 and self.admitted == 0:
             self._hold_s = seconds
+
+    def service_s(self) -> float:
+        """What one more request will hold its slot for: the median of the last
+        RECENT_HOLDS holds (the prior or calibration until a few ended).
+
+        The limit rule asks this, not `hold_estimate_s`: while workers are down,
+        the requests holding slots are old because they wait for a worker, not
+        because a request takes that long, and their ages (or a mean that a few
+        such ends inflate) would refuse requests that are answered in time.
+        """
+        if len(self._recent_holds) < 4:
+            return self._hold_s
+        return statistics.median(self._recent_holds)
 
     def hold_estimate_s(self) -> float:
         """How long a slot is held: the running mean, or longer while the requests
@@ -326,6 +345,7 @@ class Admission:
             "rejected_ttft": self.refused_by["ttft"],
             "wait_limit_s": self.wait_limit_s or 0.0,
             "hold_s": round(self.hold_estimate_s(), 3),
+            "service_s": round(self.service_s(), 3),
             "slots_coming": sum(n for _, n in self._coming),
             "retries_promised": sum(1 for p in self._promised if p > now),
         }

@@ -24,6 +24,7 @@ on another worker.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections import deque
@@ -43,7 +44,7 @@ from pdbox.router.kv_events import render_prometheus
 from pdbox.router.legs import Legs
 from pdbox.router.match import PrefixMatch
 from pdbox.router.metrics import RouterMetrics
-from pdbox.router.migration import Migrator, Settings
+from pdbox.router.migration import COMING_STATES, Migrator, Settings
 from pdbox.router.parse import Call, RequestParser
 from pdbox.router.policy import PDDecider, Picker
 from pdbox.router.prefix_index import ApproxIndex, PreciseIndex
@@ -52,7 +53,14 @@ from pdbox.router.record import Decision, Recorder
 from pdbox.router.relay import Relay
 from pdbox.router.soft_roles import RoleMix, SoftRoles
 from pdbox.router.soft_roles import Settings as SoftSettings
-from pdbox.router.stalls import CPU_STEP_TOKENS, UNRESPONSIVE, Freezes, Frozen, stall_bound_s
+from pdbox.router.stalls import (
+    CPU_STEP_TOKENS,
+    STALLED,
+    UNRESPONSIVE,
+    Freezes,
+    Frozen,
+    stall_bound_s,
+)
 from pdbox.router.status import RouterStatus
 from pdbox.workers.vllm import extra_flag_value, gpu_batch_limits
 
@@ -60,6 +68,7 @@ __all__ = ["Decision", "Router"]
 
 CALIBRATION_OUTPUT_TOKENS = 64
 UPSTREAM_KEEPALIVE_S = 4.0
+WORKER_WAIT_POLL_S = 0.25  # how often a request with no worker to go to looks again
 SOFT_STREAMS_DEFAULT = 8  # whole streams on a prefill worker when the profile sets no cap
 
 
@@ -278,6 +287,9 @@ class Router:
             try:
                 route = self.chooser.choose(call, prompt, excluded, attempt)  # 4. choose
             except Reply as reply:
+                if reply.outcome == "unavailable" and await self._await_worker(deadline):
+                    attempt -= 1  # a worker is back: this is no retry
+                    continue
                 if reply.outcome:
                     self.recorder.outcome(reply.outcome)
                 return reply.response
@@ -289,6 +301,23 @@ class Router:
             # Failed before the first byte: once more on another worker.
             excluded.add(route.decode.id)
             self.metrics.retries.inc()
+
+    async def _await_worker(self, deadline: float) -> bool:
+        """No worker can serve now: wait for one that is on its way (starting,
+        restarting, backing off, unresponsive or frozen), as a moved stream does,
+        until the request's deadline. True once one is ready; False at once when
+        none is coming, or at the deadline (the caller answers 503), and at once
+        when one is ready already (the request was refused by every one of them)."""
+        waited = False
+        while time.monotonic() < deadline - WORKER_WAIT_POLL_S:
+            serving = self.registry.of_roles(self.serving_roles(), routable_only=False)
+            if any(b.routable for b in serving):
+                return waited
+            if not any(b.state in COMING_STATES or b.state == STALLED for b in serving):
+                return False
+            waited = True
+            await asyncio.sleep(WORKER_WAIT_POLL_S)
+        return False
 
     async def _decode(self, request: web.Request, call: Call, prompt: Prompt,
                       route: Route, deadline: float) -> web.StreamResponse | None:

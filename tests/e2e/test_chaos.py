@@ -308,6 +308,7 @@ def test_chaos(box: Pdbox) -> None:
     assert code == "whole", code
     note_groups(box, chaos)
     text = metrics_text(box)
+    router = box.status()["router"]
 
     kinds = Counter(r.kind for r in results)
     n = len(results)
@@ -327,6 +328,9 @@ def test_chaos(box: Pdbox) -> None:
         "moves_failed": sum_series(text, "pdbox_migrations_total", outcome="failed"),
         "fallbacks": sum_series(text, "pdbox_fallbacks_total"),
         "router_ends": ends,
+        "rejected_by": router.get("rejected_by"),
+        "frozen": (router.get("migrations") or {}).get("frozen"),
+        "most_moves_one_stream": (router.get("migrations") or {}).get("most_moves"),
         "workers_ready_after_end_s": round(ready_after, 1),
         "workers": [(w["id"], w["state"], w.get("restarts")) for w in snap["workers"]],
         "faults": [f"{t:.0f}s {what}" for t, what in chaos.log],

@@ -357,18 +357,18 @@ def test_capacity_down_queues_what_can_be_answered_within_the_limit() -> None:
 
 
 def test_a_waiter_the_prediction_failed_is_refused_before_its_limit() -> None:
-    """Holds grew after it queued: once less than two holds are left before its
-    limit it gets 429 with Retry-After, not a timeout later."""
+    """Queued to start within 0.1 s, it is still waiting when fewer than two
+    service times are left before its limit: 429 with Retry-After, not a timeout."""
     clock = Clock()
 
     async def go() -> None:
-        adm = Admission(queue_bound=8, max_inflight=1, clock=clock, prior_hold_s=0.01,
+        adm = Admission(queue_bound=8, max_inflight=1, clock=clock, prior_hold_s=0.1,
                         wait_limit_s=0.5)
         held = await adm.acquire()
         waiter = asyncio.create_task(adm.acquire())
         await asyncio.sleep(0)
         assert adm.queued == 1
-        clock.t = 0.45  # the holder is still there: its age is the hold now
+        clock.t = 0.35  # the holder is still there, past its expected hold
         with pytest.raises(QueueFull):
             await asyncio.wait_for(waiter, 2)
         assert adm.refused_by["limit"] == 1 and adm.queued == 0

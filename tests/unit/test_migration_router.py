@@ -405,3 +405,25 @@ def test_a_worker_the_supervisor_finds_unresponsive_loses_its_legs_at_once() -> 
         assert asyncio.get_running_loop().time() - t0 < 3
 
     run(check, TWO, profile(policy="round_robin"))
+
+
+def test_a_request_with_no_worker_ready_waits_for_one_coming_back() -> None:
+    async def check(box: Box) -> None:
+        w = box.router.registry.get("aggregated-0")
+        w.state = "restarting"
+
+        async def back() -> None:
+            await asyncio.sleep(0.5)
+            w.state = "ready"
+
+        task = asyncio.ensure_future(back())
+        async with box.post("/v1/chat/completions", chat(stream=True, max_tokens=N)) as r:
+            assert r.status == 200
+            events = sse_events(await r.read())
+        await task
+        assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
+        w.state = "failed"  # and none coming: 503 at once
+        async with box.post("/v1/chat/completions", chat(max_tokens=N)) as r:
+            assert r.status == 503
+
+    run(check, {"aggregated-0": MockConfig(tokens=64)})
