@@ -192,13 +192,14 @@ class Router:
     def capacity_changed(self, coming_ready_at: list[float] | None = None) -> None:
         """Admission capacity follows the workers that can serve (admit.py).
 
-        A worker the supervisor's health probe found silent (`unresponsive`) is
-        frozen as one seen from its streams: its open legs go elsewhere now
-        rather than wait for its restart (stalls.py).
+        A worker the supervisor's health probe found silent (`unresponsive`), or
+        one an attach-mode health probe failed (`failed`), is frozen as one seen
+        from its streams: its open legs go elsewhere now rather than wait for its
+        restart or their deadline (stalls.py).
         """
         self.admit.resize(coming_ready_at)
         for b in self.registry.backends.values():
-            if b.state == UNRESPONSIVE and self.freezes.open_legs(b.id):
+            if b.state in (UNRESPONSIVE, "failed") and self.freezes.open_legs(b.id):
                 self.freezes.fail_legs(b.id)
 
     def serving_roles(self) -> tuple[str, ...]:

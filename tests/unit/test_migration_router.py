@@ -386,7 +386,8 @@ def test_a_prefill_leg_past_its_bound_falls_back_and_its_worker_is_taken_for_fro
     run(check, PD, pd_profile())
 
 
-def test_a_worker_the_supervisor_finds_unresponsive_loses_its_legs_at_once() -> None:
+@pytest.mark.parametrize("state", ["unresponsive", "failed"])
+def test_a_worker_the_supervisor_finds_unresponsive_loses_its_legs_at_once(state: str) -> None:
     async def check(box: Box) -> None:
         box.router.migrator._stall_s = None
         box.router.migrator.settings.stall_s = 30.0  # its streams alone would wait long
@@ -396,7 +397,7 @@ def test_a_worker_the_supervisor_finds_unresponsive_loses_its_legs_at_once() -> 
         async with box.post("/v1/chat/completions", chat(stream=True, max_tokens=N)) as r:
             await until(lambda: frozen.stats.requests == 1)
             await asyncio.sleep(0.2)
-            box.router.registry.get("aggregated-0").state = "unresponsive"
+            box.router.registry.get("aggregated-0").state = state
             box.router.capacity_changed()
             events = sse_events(await r.read())
         chunks, _ = split(events)
