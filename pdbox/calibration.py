@@ -121,3 +121,54 @@ def save(run_dir: Path, figures: dict[str, Calibration]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({k: v.to_dict() for k, v in figures.items()}, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------- step budget from speeds
+
+# A step budget never goes below this: vLLM needs room for a few sequences, and
+# under it a prompt takes so many steps that their fixed cost swamps its prefill.
+MIN_STEP_TOKENS = 32
+# Whole multiples of this, so that a small change in a measured speed does not
+# make a new budget at every start.
+STEP_QUANTUM = 16
+# The share of the ITL target a prefill chunk may take within one step, by role.
+# A decode-heavy worker keeps its streams' gaps near half the target (the rest
+# is the decode step itself); a prefill-heavy one takes the whole target per
+# chunk, so that it prefills in fewer steps while its streams stay within twice
+# the target. Shares of the target, not seconds: they hold on any machine.
+CHUNK_SHARE = {"decode": 0.5, "aggregated": 0.5, "prefill": 1.0}
+
+
+def step_budget(cal: Calibration, itl_s: float, role: str) -> int:
+    """Tokens one engine step may prefill on a worker of `role` (max_num_batched_tokens).
+
+    The tokens this slice prefills, at its measured speed, in its share of the
+    ITL target: a step that carries a chunk of a long prompt beside running
+    streams then ends within the target (Sarathi-Serve's stall-free batching,
+    sized from this machine's speed instead of a constant).
+    """
+    share = CHUNK_SHARE.get(role, 0.5)
+    tokens = int(cal.prefill_tps * itl_s * share) // STEP_QUANTUM * STEP_QUANTUM
+    return max(MIN_STEP_TOKENS, tokens)
+
+
+def machine_key(cpu_model: str, simd_flags: list[str], key: str) -> str:
+    """A calibration key that also names the CPU: the cache of speeds is per machine kind."""
+    return f"{cpu_model} [{' '.join(simd_flags)}] · {key}"
+
+
+def load_file(path: Path) -> dict[str, Calibration]:
+    """Figures kept in one file by key; a missing or damaged file is no figures."""
+    try:
+        raw = json.loads(path.read_text())
+        return {k: Calibration.from_dict(v) for k, v in raw.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def save_file(path: Path, figures: dict[str, Calibration]) -> None:
+    """Written aside and renamed, so a crash leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({k: v.to_dict() for k, v in figures.items()}, indent=2) + "\n")
+    os.replace(tmp, path)

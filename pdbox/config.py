@@ -133,6 +133,10 @@ class RouterConfig:
     # Soft roles (P/D only): the prefill worker also serves short requests whole
     # while it has no prefill work (router/soft_roles.py). Off: a fixed split.
     soft_roles: bool = True
+    # Hybrid P/D (with soft roles): every worker serves whole requests of any
+    # length, and a request is split into prefill and decode legs, in either
+    # direction, only when the measured costs say so (docs/PD.md).
+    hybrid: bool = False
     # After a prefill leg, the prefill worker is kept for prefill this long.
     soft_roles_hold_s: float = 10.0
     kv_events: bool = True
@@ -189,6 +193,11 @@ class EngineConfig:
     # Time each new worker's prefill and decode (a few seconds) before it is ready,
     # to seed the router with this machine's speeds (pdbox/calibration.py).
     calibrate: bool = True
+    # "auto": each CPU worker's step token budget (max_num_batched_tokens) comes
+    # from this machine's measured prefill speed and the ITL target
+    # (calibration.step_budget), once its speeds are known; a role's explicit
+    # max_num_batched_tokens wins. "default": vLLM's own (2048 on a CPU).
+    step_budget: str = "default"
 
 
 @dataclass(frozen=True)
@@ -241,6 +250,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "mode.kind": ("pd", "aggregated"),
     "router.policy": POLICIES,
     "router.pd_decider": ("threshold", "adaptive"),
+    "engine.step_budget": ("default", "auto"),
     "nixl.backend": ("UCX",),
     "nixl.buffer_device": ("cpu", "cuda"),
     "nixl.kv_load_failure_policy": ("recompute", "fail"),

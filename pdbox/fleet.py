@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from pdbox import calibration
+from pdbox import calibration, paths, step_budgets
 from pdbox.config import Profile
 from pdbox.kv_subscribers import KvSubscribers
 from pdbox.ports import PortAllocator, PortTaken
@@ -174,12 +174,34 @@ class Fleet:
                                      p.model.served_name)
 
     def _seed_saved_calibration(self) -> None:
-        """The last run's figures for these slices: a restart starts warm."""
+        """The last run's figures for these slices (else the last ones this machine
+        measured for them): a restart starts warm, and so does a new home."""
         self._calibrations = calibration.load(self.run_dir)
+        machine = calibration.load_file(paths.speeds_file())
         for role in self.profile.roles():
             key = self._calibration_key(role)
+            if key not in self._calibrations and self._machine_key(key) in machine:
+                self._calibrations[key] = machine[self._machine_key(key)]
             if key in self._calibrations:
                 self.router.seed_calibration(role, self._calibrations[key], key)
+        self.live_profile, notes = step_budgets.apply(
+            self.live_profile, self._calibrations, self._calibration_key)
+        for note in notes:
+            self.event("pdbox", note)
+
+    def _machine_key(self, key: str) -> str:
+        from pdbox.hardware.cpuinfo import this_cpu
+
+        cpu = this_cpu()
+        return calibration.machine_key(cpu.model, cpu.simd_flags, key)
+
+    def _save_machine_speeds(self, key: str, cal: calibration.Calibration) -> None:
+        """Keep the figures for every home on this machine (read-modify-write; a race
+        between two boxes loses one of their figures, which the next start measures)."""
+        path = paths.speeds_file()
+        figures = calibration.load_file(path)
+        figures[self._machine_key(key)] = cal
+        calibration.save_file(path, figures)
 
     async def _calibrate(self, spec: vllm_spec.WorkerSpec,
                          session: aiohttp.ClientSession) -> None:
@@ -203,6 +225,7 @@ class Fleet:
         self._calibrations[key] = cal
         try:
             calibration.save(self.run_dir, self._calibrations)
+            self._save_machine_speeds(key, cal)
         except OSError:
             pass  # the figures still seed this run
         steps = " · ".join(f"{1000 * v:.0f} ms at {k}" for k, v in sorted(

@@ -20,6 +20,13 @@ def models_dir() -> Path:
     return Path(env).expanduser() if env else home() / "models"
 
 
+def speeds_file() -> Path:
+    """This machine's measured worker speeds (calibration), kept beside the model cache
+    so that every home sharing the cache starts with them; PDBOX_SPEEDS_FILE overrides."""
+    env = os.environ.get("PDBOX_SPEEDS_FILE")
+    return Path(env).expanduser() if env else models_dir().parent / "speeds.json"
+
+
 def run_dir() -> Path:
     """One running pdbox per PDBOX_HOME keeps its pid, ports and token here."""
     return home() / "run"

@@ -128,6 +128,7 @@ def epp_config(profile: Profile, led: Ledger) -> dict[str, Any]:
         led.ignore("router.pd_decider", "no P/D in an aggregated profile")
         led.ignore("router.soft_roles", "no P/D in an aggregated profile")
         led.ignore("router.soft_roles_hold_s", "no P/D in an aggregated profile")
+        led.ignore("router.hybrid", "no P/D in an aggregated profile")
     return {
         "apiVersion": T.EPP_CONFIG_API_VERSION,
         "kind": "EndpointPickerConfig",
@@ -162,9 +163,16 @@ def _pd_plugins(profile: Profile, led: Ledger) -> list[dict[str, Any]]:
             "llm-d equivalent: the exported pods keep a fixed P/D split",
         )
         led.ignore("router.soft_roles_hold_s", "soft roles are not exported")
+        if r.hybrid:
+            led.warn("router.hybrid", "pods that serve whole requests and split per request in "
+                     "either direction have no llm-d equivalent: the export keeps a fixed "
+                     "P/D split")
+        else:
+            led.ignore("router.hybrid", "off")
     else:
         led.ignore("router.soft_roles", "off: a fixed P/D split, as the export")
         led.ignore("router.soft_roles_hold_s", "soft roles are off")
+        led.ignore("router.hybrid", "soft roles are off")
     if r.pd_decider == "adaptive":
         led.warn(
             "router.pd_decider",

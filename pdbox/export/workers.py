@@ -145,6 +145,11 @@ def book_shared(profile: Profile, led: Ledger) -> None:
         _liveness_failures(profile),
     )
     led.ignore("engine.calibrate", "pdbox's own warm-up timing; the router there learns live")
+    if e.step_budget == "auto":
+        led.warn("engine.step_budget", "sized from this machine's measured speed; set each "
+                 "role's max_num_batched_tokens for the cluster's GPUs")
+    else:
+        led.ignore("engine.step_budget", "vLLM's default")
     led.warn(
         "engine.max_start_failures",
         f"pdbox gives up after {e.max_start_failures} failed starts; Kubernetes restarts "

@@ -133,11 +133,14 @@ class PathChooser:
         """Whole, aggregated, local or remote; the prefill worker for remote."""
         decode = route.decode
         batch = _prompt_count(call.body)
-        if decode.role == "prefill":
+        reverse = decode.role == "prefill"
+        if reverse and not (self.soft.settings.hybrid and self.soft.enabled):
             route.pd = "whole"  # soft role: the prefill worker serves it end to end
             return
-        if not (self.is_pd and decode.role == "decode"):
+        if not (self.is_pd and decode.role in ("decode", "prefill")):
             return
+        if reverse:
+            route.pd = "whole"  # unless the decider sends its prefill to a decode worker
         if batch > 1:
             # kv_transfer_params name one request's blocks; a batch prefills where it decodes.
             route.pd, route.reason = "local", f"local: a batch of {batch} prompts"
@@ -147,7 +150,11 @@ class PathChooser:
             raise Reply(oe.error_response(400, "x-pdbox-pd must be 'remote', 'local' or 'auto'.",
                                           "invalid_request_error"), "bad_request")
         prefill: Backend | None = None
-        prefills = self.registry.of_roles(("prefill",))
+        # Hybrid, the reverse direction: a request at home on a prefill worker may
+        # have its prompt prefilled by a decode worker (both kv roles serve either
+        # leg in vLLM 0.32, docs/PD.md).
+        prefills = [b for b in self.registry.of_roles(("decode",) if reverse else ("prefill",))
+                    if b.id != decode.id and b.routable]
         if prefills:
             pm = self.match.match([b.id for b in prefills], prompt.hashes)
             pp = self.prefill_picker.pick([b.view() for b in prefills], pm, len(prompt.hashes),
@@ -163,7 +170,11 @@ class PathChooser:
             dec = self.soft.weigh(dec, prefill.view(), decode.view(),
                                   route.uncached / self.decider.prefill_tps(prefill.id))
         route.reason = dec.reason + (f"; {soft_note}" if soft_note else "")
-        route.pd = "remote" if dec.remote else "local"
+        if reverse:
+            route.reason = f"whole on {decode.id} (hybrid): {route.reason}"
+            route.pd = "remote" if dec.remote else "whole"
+        else:
+            route.pd = "remote" if dec.remote else "local"
         route.prefill = prefill if dec.remote else None
 
 

@@ -145,8 +145,8 @@ class Legs:
     def open(self, call: Call, prompt: Prompt, route: Route) -> Iterator[None]:
         """The books of a decode leg, from before it is sent until its answer ends."""
         decode, rid = route.decode, call.request_id
-        if route.pd == "local":
-            # Its first token ends the prefill on the decode worker (relay.py).
+        if route.pd in ("local", "whole"):
+            # Its first token ends the prefill where it decodes (relay.py).
             self.decider.prefill_sent(decode.id, rid, route.uncached, time.monotonic(),
                                       local=True)
         decode.inflight += 1

@@ -68,6 +68,10 @@ class Settings:
     hold_s: float = 10.0
     # Whole requests a prefill worker takes at most (its admission slots).
     max_streams: int = 8
+    # Hybrid P/D: a prefill worker is a whole-request server like any other, for
+    # prompts of any length and with no hold; P/D is a per-request choice, in
+    # either direction (choose.py), made only when the measured costs say so.
+    hybrid: bool = False
 
 
 def streams(w: Load) -> int:
@@ -138,7 +142,13 @@ class SoftRoles:
         why: list[str] = []
         for w in ready:
             n = uncached.get(w.id, 0)
-            busy = self.prefilling(w.id, now)
+            busy = None if s.hybrid else self.prefilling(w.id, now)
+            if s.hybrid:
+                if self.whole_streams(w.id) >= s.max_streams:
+                    why.append(f"{w.id} full: {self.whole_streams(w.id)} whole streams")
+                else:
+                    out.append(w.id)
+                continue
             if n >= s.gate_tokens:
                 why.append(f"{w.id} not whole: {n} uncached tokens >= {s.gate_tokens}")
             elif busy:
@@ -148,7 +158,8 @@ class SoftRoles:
             else:
                 out.append(w.id)
         if out:
-            why.insert(0, f"{', '.join(out)} may serve whole: short prompt, no prefill work")
+            why.insert(0, f"{', '.join(out)} may serve whole: " + (
+                "hybrid" if s.hybrid else "short prompt, no prefill work"))
         return out, "; ".join(why)
 
     def prefer_home(self, pick: Pick, roles: Mapping[str, str]) -> Pick:
@@ -186,8 +197,9 @@ class SoftRoles:
             return self.weigh_remote(dec, prefill, decode, prefill_s)
         extra = dec.predicted_remote_s - dec.predicted_local_s
         slack = max(REMOTE_SLACK_S, REMOTE_SLACK * dec.predicted_local_s)
-        if (prefill.ready and self.whole_streams(prefill.id) == 0
-                and not self._legs.get(prefill.id) and extra <= slack):
+        idle = (streams(prefill) if prefill.role != "prefill"
+                else self.whole_streams(prefill.id)) == 0
+        if (prefill.ready and idle and not self._legs.get(prefill.id) and extra <= slack):
             return PDDecision(True, f"remote (soft role): {prefill.id} idle, remote costs "
                               f"{extra:+.1f}s <= {slack:.1f}s slack and keeps {decode.id} free "
                               f"to decode; was {dec.reason}", dec.predicted_local_s,
@@ -210,7 +222,9 @@ class SoftRoles:
         if not (self.enabled and dec.remote) or dec.predicted_local_s is None \
                 or dec.predicted_remote_s is None:
             return dec
-        on_p = self.whole_streams(prefill.id)
+        # A decode worker prefilling for a prefill worker (hybrid, the reverse
+        # direction) stalls all its streams; a prefill worker, its whole ones.
+        on_p = streams(prefill) if prefill.role != "prefill" else self.whole_streams(prefill.id)
         if on_p == 0:
             return dec
         on_d = streams(decode)

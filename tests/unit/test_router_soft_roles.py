@@ -34,7 +34,7 @@ def test_short_prompts_spread_over_the_prefill_worker_while_it_has_no_prefill_wo
         mix = box.router.snapshot()["soft_roles"]["role_mix"]
         assert mix["prefill-0"]["whole"] == 1.0 and mix["prefill-0"]["requests"] == len(whole)
 
-    run(check, SLOW, pd_profile())
+    run(check, SLOW, pd_profile(hybrid=False))
 
 
 def test_long_prompts_go_remote_and_short_ones_keep_off_the_prefill_worker_meanwhile() -> None:
@@ -49,6 +49,20 @@ def test_long_prompts_go_remote_and_short_ones_keep_off_the_prefill_worker_meanw
         assert snap["role_mix"]["prefill-0"] == {"whole": 0.0, "prefill": 1.0, "decode": 0.0,
                                                  "requests": 1}
         assert snap["prefilling"]["prefill-0"].startswith("prefilled")
+
+    run(check, SLOW, pd_profile(soft_roles_hold_s=60.0, hybrid=False))
+
+
+def test_hybrid_the_prefill_worker_serves_long_and_short_whole_with_no_hold() -> None:
+    async def check(box: Box) -> None:
+        await _stream(box, LONG)
+        heads = await asyncio.gather(*(_stream(box, f"hi {i}") for i in range(6)))
+        heads += await asyncio.gather(*(_stream(box, LONG + f" {i}") for i in range(4)))
+        whole = [h for h in heads if h["x-pdbox-pd"] == "whole"]
+        assert whole, "hybrid: the prefill worker served nothing whole"
+        assert all(h["x-pdbox-decode-worker"] == "prefill-0" for h in whole)
+        assert all("(hybrid)" in h["x-pdbox-pd-reason"] for h in whole)
+        assert not any("kept for prefill" in h["x-pdbox-pd-reason"] for h in heads)
 
     run(check, SLOW, pd_profile(soft_roles_hold_s=60.0))
 

@@ -130,3 +130,28 @@ def test_on_a_tie_the_request_stays_on_the_decode_worker() -> None:
     assert kept.worker_id == "decode-0" and "kept on the decode worker" in kept.reason
     better = Pick("prefill-0", {"decode-0": 5.0, "prefill-0": 7.0}, "prefix: ...")
     assert s.prefer_home(better, roles) is better
+
+
+def test_hybrid_any_prompt_length_and_no_hold_only_the_stream_cap() -> None:
+    s = SoftRoles(Settings(gate_tokens=256, hold_s=10.0, max_streams=2, hybrid=True))
+    s.leg_ended("prefill-0", now=5.0)  # prefilled a moment ago: no hold in hybrid
+    ok, why = s.eligible([w("prefill-0")], {"prefill-0": 3000}, decoders_ready=1, now=6.0)
+    assert ok == ["prefill-0"] and "hybrid" in why
+    s.whole_started("prefill-0")
+    s.whole_started("prefill-0")
+    ok, why = s.eligible([w("prefill-0")], {"prefill-0": 10}, 1, now=6.0)
+    assert ok == [] and "full" in why
+
+
+def test_hybrid_reverse_split_counts_every_stream_of_the_decode_worker_prefilling() -> None:
+    """A request at home on the prefill worker, its prompt prefilled on a decode
+    worker: that worker's own streams (not soft roles' whole count) stall."""
+    s = SoftRoles(Settings(hybrid=True))
+    dec = PDDecision(True, "remote: 600 uncached tokens", 2.0, 2.3)
+    home = w("prefill-0", "prefill", running=1)
+    prefiller = w("decode-0", "decode", running=4)
+    # 4 streams x 2 s there against 1 stream x 2 s at home: prefill at home.
+    out = s.weigh(dec, prefiller, home, 2.0)
+    assert not out.remote and "4 whole stream(s) on decode-0" in out.reason
+    # An idle decode worker: remote stands.
+    assert s.weigh(dec, w("decode-0", "decode"), home, 2.0) is dec

@@ -1,0 +1,68 @@
+"""Step budgets from measured speeds (calibration.step_budget, step_budgets.apply)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from pdbox import calibration, step_budgets
+from pdbox.calibration import Calibration
+from pdbox.config import load as load_profile
+
+
+def cal(tps: float) -> Calibration:
+    return Calibration(prefill_tps=tps, overhead_s=0.02, decode_step_s={1: 0.05, 4: 0.06})
+
+
+def test_budget_follows_the_measured_speed_and_the_role_share() -> None:
+    # 1,200 tokens/s, 250 ms target: decode gets half the target, prefill all of it.
+    assert calibration.step_budget(cal(1200), 0.25, "decode") == 144
+    assert calibration.step_budget(cal(1200), 0.25, "prefill") == 288
+    # Four times slower (bf16 emulated on an AVX2 CPU): a quarter of the tokens.
+    assert calibration.step_budget(cal(300), 0.25, "decode") == 32
+    # A machine ten times faster gets ten times the chunk: no constant of one machine.
+    assert calibration.step_budget(cal(12000), 0.25, "decode") == 1488
+
+
+def test_budget_never_under_the_floor() -> None:
+    assert calibration.step_budget(cal(10), 0.25, "decode") == calibration.MIN_STEP_TOKENS
+
+
+def profile(step_budget: str = "auto"):
+    p = load_profile("cpu-tiny")
+    return dataclasses.replace(p, engine=dataclasses.replace(p.engine, step_budget=step_budget))
+
+
+def test_apply_sets_each_role_from_its_own_slice() -> None:
+    figures = {"k-prefill": cal(1200), "k-decode": cal(600)}
+    p, notes = step_budgets.apply(profile(), figures, lambda role: f"k-{role}")
+    assert p.role("prefill").max_num_batched_tokens == 288
+    assert p.role("decode").max_num_batched_tokens == 64
+    # vLLM needs max_num_batched_tokens >= max_num_seqs.
+    assert p.role("decode").max_num_seqs == 64
+    assert len(notes) == 2 and "600 tokens/s" in notes[1]
+
+
+def test_apply_without_speeds_keeps_the_default_and_says_so() -> None:
+    p, notes = step_budgets.apply(profile(), {}, lambda role: role)
+    assert p.role("decode").max_num_batched_tokens == 0
+    assert all("next start" in n for n in notes)
+
+
+def test_apply_off_or_explicit() -> None:
+    p0 = profile("default")
+    p, notes = step_budgets.apply(p0, {"prefill": cal(1200), "decode": cal(1200)}, str)
+    assert p is p0 and notes == []
+    p1 = profile()
+    p1 = dataclasses.replace(p1, decode=dataclasses.replace(p1.decode, max_num_batched_tokens=512))
+    p, _ = step_budgets.apply(p1, {"prefill": cal(1200), "decode": cal(1200)}, str)
+    assert p.role("decode").max_num_batched_tokens == 512
+
+
+def test_speeds_file_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "speeds.json"
+    key = calibration.machine_key("Some CPU", ["avx2", "fma"], "cores 0 · bfloat16 · m")
+    calibration.save_file(path, {key: cal(900)})
+    assert calibration.load_file(path)[key].prefill_tps == 900
+    path.write_text("{not json")
+    assert calibration.load_file(path) == {}
