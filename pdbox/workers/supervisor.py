@@ -197,6 +197,9 @@ class Supervisor:
     _stopping: set[str] = field(default_factory=set)
     # Roles of which a worker was ready once: the configuration works.
     _roles_ready: set[str] = field(default_factory=set)
+    # Per starting worker, its start probe and warm-up (seconds, with the fleet's
+    # calibration) in flight: a task, so that tick() goes on watching the others.
+    _starts: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -261,8 +264,8 @@ class Supervisor:
             if code is not None:
                 self._exited(w, code, now, proc=proc)
                 continue
-            if w.state == "starting":
-                await self._starting(w, proc, now)
+            if w.state in ("starting", "warming"):
+                self._check_start(w, proc, now)
             elif w.state in ("ready", "unresponsive", "draining"):
                 if w.state == "ready" and w.failures and self.settings.backoff().forgiven(
                         w.ready_since, now):
@@ -286,22 +289,42 @@ class Supervisor:
                     # (SIGSTOP) is seen in /proc instead.
                     stopped = proc.stopped() if ok else []
                     self._probed(w, proc, ok and not stopped, now, stopped)
+        # Let start checks begun in this tick take their first step (a fake
+        # prober's end there; a real one's go on between ticks).
+        await asyncio.sleep(0)
 
-    async def _starting(self, w: Worker, proc: Proc, now: float) -> None:
-        if await self.prober.healthy(w.spec) and self._current(w, proc):
-            self._set(w, "warming", f"{w.id} answers /health; warming up")
-            warm = await self.prober.warm_up(w.spec)
-            if not self._current(w, proc):
-                return
-            if warm:
-                self._became_ready(w, proc)
-                return
-            self._set(w, "starting")
-        if self._current(w, proc) and now - w.started_at > self.settings.start_timeout_s:
+    def _check_start(self, w: Worker, proc: Proc, now: float) -> None:
+        """Start a starting worker's probe and warm-up unless one is in flight; end
+        a worker that is not ready within the start timeout."""
+        task = self._starts.get(w.id)
+        if now - w.started_at > self.settings.start_timeout_s:
             # Also when /health answers but warm-up never succeeds.
+            if task is not None:
+                task.cancel()
+                self._starts.pop(w.id, None)
             proc.signal_group(signal.SIGKILL)
             self._exited(w, -9, now, reason="did not become ready in time", proc=proc,
                          killed=True)
+            return
+        if task is not None and not task.done():
+            return
+        if task is not None:
+            self._starts.pop(w.id, None)
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                self.on_event("error", f"{w.id}: start check failed: {exc!r}")
+        self._starts[w.id] = asyncio.ensure_future(self._starting(w, proc))
+
+    async def _starting(self, w: Worker, proc: Proc) -> None:
+        if not (await self.prober.healthy(w.spec) and self._current(w, proc)):
+            return
+        self._set(w, "warming", f"{w.id} answers /health; warming up")
+        warm = await self.prober.warm_up(w.spec)
+        if not self._current(w, proc):
+            return
+        if warm:
+            self._became_ready(w, proc)
+        else:
+            self._set(w, "starting")
 
     def _became_ready(self, w: Worker, proc: Proc) -> None:
         now = self.clock.now()
@@ -389,6 +412,8 @@ class Supervisor:
                 proc: Proc | None = None, killed: bool = False) -> None:
         w.exit_code = code
         w.proc = None
+        if (task := self._starts.pop(w.id, None)) is not None:
+            task.cancel()  # a start check of the process that is gone
         if proc is not None:
             # The main process is gone, but vLLM's engine core (and its workers)
             # may live on in the group: end them before anything replaces them.
@@ -478,6 +503,9 @@ class Supervisor:
             self._stopping.discard(w.id)
 
     async def _stop_procs(self, ws: list[Worker]) -> None:
+        for w in ws:
+            if (task := self._starts.pop(w.id, None)) is not None:
+                task.cancel()
         # The processes are taken now: tick() may run during the grace period.
         live = [(w, w.proc) for w in ws if w.proc is not None]
         live += [(w, w.leftover) for w in ws if w.leftover is not None]

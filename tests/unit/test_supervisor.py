@@ -645,6 +645,102 @@ def test_ready_workers_are_probed_together(tmp_path: Path) -> None:
     assert r.sup.workers["decode-0"].missed_probes == 1
 
 
+class _SlowWarmProber(FakeProber):
+    """decode-0's warm-up (with its calibration) takes a while on the event loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def warm_up(self, spec: WorkerSpec) -> bool:
+        if spec.id == "decode-0":
+            await self.release.wait()
+        return await super().warm_up(spec)
+
+
+def test_a_warm_up_does_not_hold_up_the_watch_of_the_others(tmp_path: Path) -> None:
+    """While decode-0 warms up, prefill-0's crash is seen and its restart begins."""
+    r = Rig(tmp_path)
+    r.ready("prefill-0")
+    prober = _SlowWarmProber()
+    prober.health = {"prefill-0": True, "decode-0": True}
+    r.sup.prober = prober
+
+    async def main() -> None:
+        d = r.sup.add(spec("decode-0", 9002))
+        await r.sup.tick()
+        assert d.state == "warming"
+        r.launcher.last("prefill-0").exit(-signal.SIGKILL)
+        r.clock.advance(0.5)
+        await r.sup.tick()  # not held up by decode-0's warm-up
+        assert r.sup.workers["prefill-0"].state == "restarting" and d.state == "warming"
+        r.clock.advance(1)
+        await r.sup.tick()
+        assert r.launcher.count("prefill-0") == 2
+        prober.release.set()
+        await r.sup.tick()
+        assert d.state == "ready"
+        await r.sup.stop_all()
+
+    asyncio.run(main())
+
+
+def test_a_worker_stopped_while_it_warms_up_drops_its_start_check(rig: Rig) -> None:
+    prober = _SlowWarmProber()
+    prober.health = {"decode-0": True}
+    rig.sup.prober = prober
+
+    async def main() -> None:
+        w = rig.sup.add(spec())
+        await rig.sup.tick()
+        assert w.state == "warming" and "decode-0" in rig.sup._starts
+        task = rig.sup._starts["decode-0"]
+        await rig.sup.stop_all()
+        await asyncio.sleep(0)
+        assert task.cancelled() and rig.sup._starts == {} and w.state == "stopped"
+
+    asyncio.run(main())
+
+
+def test_a_worker_that_dies_while_it_warms_up_drops_its_start_check(rig: Rig) -> None:
+    prober = _SlowWarmProber()
+    prober.health = {"decode-0": True}
+    rig.sup.prober = prober
+
+    async def main() -> None:
+        w = rig.sup.add(spec())
+        await rig.sup.tick()
+        task = rig.sup._starts["decode-0"]
+        rig.launcher.last("decode-0").exit(-signal.SIGKILL)
+        await rig.sup.tick()
+        await asyncio.sleep(0)
+        assert task.cancelled() and w.state == "restarting"
+        rig.clock.advance(1)
+        await rig.sup.tick()  # the new process gets a start check of its own
+        assert rig.launcher.count("decode-0") == 2
+        await rig.sup.tick()
+        assert rig.sup._starts["decode-0"] is not task
+        await rig.sup.stop_all()
+
+    asyncio.run(main())
+
+
+class _BrokenProber(FakeProber):
+    async def warm_up(self, spec: WorkerSpec) -> bool:
+        raise RuntimeError("calibration blew up")
+
+
+def test_a_start_check_that_raises_is_an_event_and_is_tried_again(rig: Rig) -> None:
+    rig.sup.prober = _BrokenProber()
+    rig.sup.prober.health["decode-0"] = True  # type: ignore[attr-defined]
+    w = rig.sup.add(spec())
+    rig.tick()
+    rig.tick()
+    assert any("start check failed: RuntimeError('calibration blew up')" in e
+               for e in rig.events)
+    assert w.state == "warming" and rig.sup.fatal is None
+
+
 # ------------------------------------------------------------------- stopping
 
 
@@ -789,7 +885,9 @@ def test_sequential_start_spawns_one_after_another(tmp_path: Path) -> None:
     assert [i for i, _ in r.launcher.procs] == ["prefill-0"]
     r.prober.health["prefill-0"] = True
     r.tick()
-    assert p.state == "ready"
+    assert p.state == "ready"  # at the end of the tick: decode-0 starts on the next
+    assert [i for i, _ in r.launcher.procs] == ["prefill-0"]
+    r.tick()
     assert [i for i, _ in r.launcher.procs] == ["prefill-0", "decode-0"]
     r.prober.health["decode-0"] = True
     r.tick()
@@ -806,7 +904,9 @@ def test_sequential_restart_waits_for_the_one_starting(tmp_path: Path) -> None:
     r.clock.advance(1)
     r.tick()
     assert r.launcher.count("prefill-0") == 2 and r.launcher.count("decode-0") == 1
-    r.tick()  # prefill-0 answers and is ready; then decode-0 may start
+    r.tick()  # prefill-0 answers and is ready at the end of this tick
+    assert r.sup.workers["prefill-0"].state == "ready" and r.launcher.count("decode-0") == 1
+    r.tick()  # then decode-0 may start
     assert r.launcher.count("decode-0") == 2
 
 
