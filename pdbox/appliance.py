@@ -380,6 +380,24 @@ class Appliance:
         self.router.policy = policy
         self.event("policy", f"routing policy set to {policy}")
 
+    def move_stream(self, request_id: str, to: str) -> dict[str, Any]:
+        """Move a running stream to worker `to`, its KV pulled from where it runs
+        (flowing decode, router/kv_move.py). KeyError: no such stream or worker;
+        ValueError: it cannot move now."""
+        assert self.router is not None
+        m = self.router.migrator
+        st = m.live.get(request_id)
+        if st is None:
+            raise KeyError(f"There is no open stream {request_id!r}.")
+        target = self.router.registry.get(to)
+        if target is None:
+            raise KeyError(f"There is no worker {to!r}.")
+        frm = st.worker.id
+        if not st.move(target, "asked through the control API"):
+            raise ValueError(f"Stream {request_id!r} cannot move to {to} now (it is on {frm}, "
+                             "not started, being moved, or the worker is not ready).")
+        return {"request_id": request_id, "from": frm, "to": to, "moving": True}
+
     async def restart_worker(self, worker_id: str) -> None:
         if self.fleet is None:
             raise KeyError(worker_id)

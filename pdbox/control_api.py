@@ -26,6 +26,7 @@ class Core(Protocol):
     async def scale(self, role: str, replicas: int | None) -> dict[str, Any]: ...
     async def scale_split(self, spec: str | None) -> dict[str, Any]: ...
     def set_policy(self, policy: str) -> None: ...
+    def move_stream(self, request_id: str, to: str) -> dict[str, Any]: ...
     async def restart_worker(self, worker_id: str) -> None: ...
     def request_shutdown(self) -> None: ...
 
@@ -129,6 +130,20 @@ def add_routes(app: web.Application, core: Core, token: str) -> None:
             raise BadRequest(404, f"There is no worker {wid!r}.") from None
         return web.json_response({"worker": wid, "restarting": True})
 
+    async def move(request: web.Request) -> web.Response:
+        rid = request.match_info["request_id"]
+        body = await read_json(request, 64 * 1024)
+        to = body.get("to")
+        if not isinstance(to, str) or not to:
+            raise BadRequest(400, "'to' must name a worker.")
+        try:
+            result = core.move_stream(rid, to)
+        except KeyError as exc:
+            raise BadRequest(404, str(exc.args[0])) from None
+        except ValueError as exc:
+            raise BadRequest(409, str(exc)) from None
+        return web.json_response(result)
+
     async def shutdown(request: web.Request) -> web.Response:
         core.request_shutdown()
         return web.json_response({"stopping": True})
@@ -140,6 +155,7 @@ def add_routes(app: web.Application, core: Core, token: str) -> None:
     r.add_post("/pdbox/v1/scale", guard(scale))
     r.add_post("/pdbox/v1/policy", guard(policy))
     r.add_post("/pdbox/v1/workers/{worker_id}/restart", guard(restart))
+    r.add_post("/pdbox/v1/streams/{request_id}/move", guard(move))
     r.add_post("/pdbox/v1/shutdown", guard(shutdown))
 
 

@@ -40,6 +40,8 @@ from pdbox.router.admission import Admission
 from pdbox.router.admit import AdmitStage, Refused
 from pdbox.router.backends import Backend, Registry
 from pdbox.router.choose import PathChooser, Reply, Route
+from pdbox.router.flow import Balancer
+from pdbox.router.flow import Load as FlowLoad
 from pdbox.router.kv_events import render_prometheus
 from pdbox.router.legs import Legs
 from pdbox.router.match import PrefixMatch
@@ -148,6 +150,10 @@ class Router:
                          r.prefill_timeout_s, timeout, events)
         self.recorder = Recorder(self.metrics, self.role_mix, self.match)
         self.relay = Relay(self.recorder, self.decider, self.match, self.migrator, timeout)
+        # Flowing decode (hybrid P/D): streams move by KV to even out the workers.
+        self.balancer = Balancer(profile.slo.itl_s, self._flow_loads, self._flow_move,
+                                 time.monotonic) if profile.is_pd and r.hybrid else None
+        self._balancer_task: asyncio.Task[None] | None = None
         self.status = RouterStatus(registry, self.metrics, self.admission, self.decider,
                                    self.soft, self.role_mix, self.precise, self.recorder,
                                    self.legs, self.calibration, self._slice_key,
@@ -171,8 +177,12 @@ class Router:
         )
         self.legs.session = self.session
         self.freezes.session = self.session
+        if self.balancer is not None:
+            self._balancer_task = asyncio.create_task(self.balancer.run())
 
     async def close(self) -> None:
+        if self._balancer_task is not None:
+            self._balancer_task.cancel()
         self.freezes.close()
         if self.session is not None:
             await self.session.close()
@@ -206,6 +216,18 @@ class Router:
         """Roles that may serve a request end to end: soft roles add prefill workers."""
         base = self.registry.decode_roles()
         return (*base, "prefill") if self.soft.enabled else base
+
+    def _flow_loads(self) -> list[FlowLoad]:
+        return [FlowLoad(b.id, max(b.running, b.inflight), len(self.migrator.movable(b.id)))
+                for b in self.registry.of_roles(self.serving_roles())]
+
+    def _flow_move(self, frm: str, to: str) -> bool:
+        """Move the youngest movable stream of `frm` to `to` (it has the most to go)."""
+        target = self.registry.get(to)
+        streams = self.migrator.movable(frm)
+        if target is None or not streams:
+            return False
+        return streams[-1].move(target, f"rebalance: {frm} ran more streams than {to}")
 
     def forget_worker(self, wid: str) -> None:
         self.soft.forget_worker(wid)

@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 
 from pdbox.router.backends import Backend, Registry
+from pdbox.router.kv_move import handoff
 from pdbox.router.metrics import Counter
 from pdbox.router.splice import (  # noqa: F401 - importable from here, as before
     UNREAD_BYTES,
@@ -81,6 +82,10 @@ class PastDeadline(StreamLost):
     """The request reached its limit (router.request_timeout_s) before its answer ended."""
 
 
+class Moving(Exception):
+    """Set on a leg's body to take the stream off a live worker (flowing decode)."""
+
+
 @dataclass
 class Settings:
     # Silence after which a stream's worker is taken for frozen, when the router
@@ -122,6 +127,13 @@ class Migrator:
         self.freezes = freezes or Freezes(registry, events)
         self.most_moves = 0  # the most moves one stream took
         self.recent: list[dict[str, Any]] = []  # the last moves, for the status snapshot
+        # Streams open now, by request id: what flowing decode may move.
+        self.live: dict[str, MigratingStream] = {}
+        # Moves off a live worker by KV (kv_move.py), and what the last ones cost.
+        self.flows = Counter("pdbox_stream_flows_total",
+                             "Streams moved off a live worker, by how: kv (the new worker "
+                             "pulled the stream's KV) or recompute (the KV leg failed).")
+        self.flow_recent: list[dict[str, Any]] = []
 
     def stall_s(self, worker: Backend) -> float:
         return self._stall_s(worker) if self._stall_s is not None else self.settings.stall_s
@@ -137,8 +149,29 @@ class Migrator:
         return self.settings.moves_per_worker * max(1, len(self.serving()))
 
     def render(self) -> str:
-        return "".join(line + "\n" for line in
-                       self.counter.render() + self.moved_streams.render())
+        return "".join(line + "\n" for line in self.counter.render()
+                       + self.moved_streams.render() + self.flows.render())
+
+    def movable(self, worker_id: str) -> list[MigratingStream]:
+        """Streams on `worker_id` that a move could take now (oldest first)."""
+        return [st for st in self.live.values() if st.worker.id == worker_id and st.movable]
+
+    def move(self, request_id: str, target: Backend, why: str) -> bool:
+        """Move a running stream to `target` by KV; False when it cannot move now."""
+        st = self.live.get(request_id)
+        return st is not None and st.move(target, why)
+
+    def flowed(self, request_id: str, frm: str, to: str, tokens: int, why: str,
+               cost: dict[str, Any]) -> None:
+        how = "kv" if cost.get("ok") else "recompute"
+        self.flows.inc(how=how)
+        self.flow_recent = [*self.flow_recent[-9:], {
+            "request_id": request_id, "from": frm, "to": to, "tokens": tokens, "how": how,
+            "why": why[:200], "at": time.time(), **cost}]
+        if self.events:
+            self.events("router", f"stream {request_id} moved from {frm} to {to} by {how} "
+                        f"after {tokens} tokens ({why}; KV leg {cost.get('leg_ms', 0):.0f} ms, "
+                        f"{cost.get('computed_on_old', 0)} tokens computed for it)")
 
     def moved(self, request_id: str, frm: str, to: str, move: int, tokens: int,
               why: str) -> None:
@@ -153,7 +186,10 @@ class Migrator:
         c = self.counter
         return {"moved": int(c.get(outcome="moved")), "failed": int(c.get(outcome="failed")),
                 "refused": int(c.get(outcome="refused")), "most_moves": self.most_moves,
-                "recent": self.recent[-5:], "frozen": self.freezes.snapshot()}
+                "recent": self.recent[-5:], "frozen": self.freezes.snapshot(),
+                "flows": {"kv": int(self.flows.get(how="kv")),
+                          "recompute": int(self.flows.get(how="recompute")),
+                          "recent": self.flow_recent[-5:]}}
 
     def first_leg(self, body: dict[str, Any], path: str) -> dict[str, Any]:
         return upstream_body(body, _kind(path))
@@ -211,6 +247,27 @@ class MigratingStream:
         # Registered with the freeze book while a leg is open: a freeze of its
         # worker seen from another stream fails this leg at once.
         self._frozen_key: int | None = migrator.freezes.watch(worker.id, self._frozen)
+        # Flowing decode: the worker to move to, the live one to pull the KV from.
+        self.flows = 0
+        self._flow_to: Backend | None = None
+        self._handoff_from: Backend | None = None
+        migrator.live[request_id] = self
+
+    @property
+    def movable(self) -> bool:
+        """Whether a move off a live worker may start now: the stream has tokens, is not
+        being placed, owes more, and may be continued elsewhere at all."""
+        return (self.refused is None and not self._ended and self._placing_since is None
+                and self._flow_to is None and self.splice.started
+                and not self.splice.finished and self.splice.why_not() is None)
+
+    def move(self, target: Backend, why: str) -> bool:
+        """Take this stream to `target`, its KV pulled from the current worker."""
+        if not self.movable or target.id == self.worker.id or not target.routable:
+            return False
+        self._flow_to, self._why = target, why
+        self.upstream.content.set_exception(Moving())
+        return True
 
     # ------------------------------------------------------------- reading
 
@@ -233,6 +290,10 @@ class MigratingStream:
             self._read_since = self._loop.time()
             try:
                 chunk = await self.upstream.content.readany()
+            except Moving:
+                self._read_since = None
+                self._flowing()
+                continue
             except TimeoutError:
                 self._read_since = None
                 self._failed(self._stall_why or f"{self.worker.id} sent nothing for "
@@ -324,6 +385,8 @@ class MigratingStream:
             else:
                 self.upstream.close()
         self._give_back()
+        if self.m.live.get(self.request_id) is self:
+            del self.m.live[self.request_id]
         if self.moves and not self._moves_counted:
             self._moves_counted = True
             self.m.moved_streams.inc(moves=str(self.moves))
@@ -366,13 +429,30 @@ class MigratingStream:
         if no is not None:
             self._lose(f"it cannot be moved ({no})")
         budget = self.m.move_budget()
-        if self.moves >= budget:
+        if self.moves - self.flows >= budget:  # moves after failures, not flowing ones
             self._lose(f"it was already moved {self.moves} times" if self.moves
                        else "stream migration is off")
         self.splice.begin_leg()
         if self.splice.continuation() is None:  # all tokens owed were relayed
             self._out, self._ended = self.splice.closing(), True
             return
+        self._placing_since = now
+        self._last_keepalive = now
+
+    def _flowing(self) -> None:
+        """Leave the live worker on purpose: its leg closes (vLLM aborts the request and
+        keeps its full blocks cached), and the continuation goes to the chosen worker
+        with the KV pulled from this one (kv_move.py)."""
+        old = self.worker
+        self._drop_leg()
+        self._stall_why = ""
+        self.splice.begin_leg()
+        if self.splice.continuation() is None:
+            self._out, self._ended = self.splice.closing(), True
+            self._flow_to = None
+            return
+        self._handoff_from = old
+        now = self.m.clock()
         self._placing_since = now
         self._last_keepalive = now
 
@@ -405,6 +485,12 @@ class MigratingStream:
             await asyncio.sleep(s.poll_s)
 
     def _choose(self, now: float) -> Backend | None:
+        flow = self._flow_to
+        if flow is not None:
+            self._flow_to = None
+            if flow.routable and self.m.registry.get(flow.id) is flow:
+                return flow
+            self._handoff_from = None  # the chosen worker went away: a plain move
         for wid, (b, t, down) in list(self._excluded.items()):
             cur = self.m.registry.get(wid)
             if cur is not b or now - t >= self.m.settings.exclude_s or (down and b.routable):
@@ -437,6 +523,13 @@ class MigratingStream:
         left = self._left_s(now)
         timeout = self.timeout if left is None else aiohttp.ClientTimeout(
             total=max(0.001, left), sock_connect=self.timeout.sock_connect)
+        source, cost = self._handoff_from, None
+        if source is not None:
+            self._handoff_from = None
+            bound = self.m.stall_s(source) if left is None else min(left, self.m.stall_s(source))
+            params, cost = await handoff(self.session, source.url, self.path, body, rid, bound)
+            if params is not None:
+                body = {**body, "kv_transfer_params": params}
         try:
             resp = await self.session.post(
                 f"{target.url}{self.path}", data=json.dumps(body).encode(),
@@ -453,8 +546,13 @@ class MigratingStream:
             self._excluded[target.id] = (target, now, False)
             return False
         self.moves += 1
-        self.m.moved(self.request_id, self.worker.id, target.id, self.moves,
-                     self.splice.tokens, self._why)
+        if cost is not None:
+            self.flows += 1
+            self.m.flowed(self.request_id, self.worker.id, target.id, self.splice.tokens,
+                          self._why, cost.to_dict())
+        else:
+            self.m.moved(self.request_id, self.worker.id, target.id, self.moves,
+                         self.splice.tokens, self._why)
         self.upstream, self.worker = resp, target
         target.inflight += 1
         self._own_leg = True
