@@ -187,7 +187,7 @@ class Fleet:
         self.live_profile, notes = step_budgets.apply(
             self.live_profile, self._calibrations, self._calibration_key)
         for note in notes:
-            self.event("pdbox", note)
+            self.event("worker", note)
 
     def _machine_key(self, key: str) -> str:
         from pdbox.hardware.cpuinfo import this_cpu

@@ -222,9 +222,11 @@ def phases(ctx: click.Context, profile: str | None, against: tuple[str, ...], au
     every request (and of the long prompts), output tokens/s and 429s (a
     refused request is retried). The verdict in --json: is the first setup
     within 10 % of the best other on each figure in every phase, and better
-    than all of them over the run? Default setups: soft (cpu-tiny), fixed-pd
-    (cpu-tiny, router.soft_roles=false), aggregated (cpu-aggregated); these
-    names also work as a SETUP.
+    than all of them over the run? Default setups: hybrid (cpu-tiny as
+    shipped), aggregated (cpu-aggregated), sarathi-256 and sarathi-512
+    (cpu-aggregated with that step token budget) and fixed-pd (cpu-tiny with
+    soft roles off); these names, and soft (soft roles without hybrid), also
+    work as a SETUP.
 
     Each figure is followed by its ratio to the first setup's, e.g. "(0.85×)":
     below 1 is better for latencies, above 1 for goodput and tokens/s.

@@ -35,11 +35,18 @@ from pdbox.bench.report import Column, Row
 from pdbox.router.metrics import percentile as pct
 
 PRESETS = {
-    "soft": "cpu-tiny,router.soft_roles=true",
-    "fixed-pd": "cpu-tiny,router.soft_roles=false",
+    # The default box: hybrid P/D with step budgets from the measured speeds.
+    "hybrid": "cpu-tiny",
+    "soft": "cpu-tiny,router.hybrid=false,engine.step_budget=default",
+    "fixed-pd": "cpu-tiny,router.soft_roles=false,router.hybrid=false,"
+                "engine.step_budget=default",
     "aggregated": "cpu-aggregated",
+    # Sarathi-Serve's answer on the same workers: aggregated with a small step
+    # token budget (chunked prefill), the baseline a serious user would pick.
+    "sarathi-256": "cpu-aggregated,--max-num-batched-tokens=256",
+    "sarathi-512": "cpu-aggregated,--max-num-batched-tokens=512",
 }
-DEFAULT_SETUPS = ("soft", "fixed-pd", "aggregated")
+DEFAULT_SETUPS = ("hybrid", "aggregated", "sarathi-256", "sarathi-512", "fixed-pd")
 # (name, seconds between long prompts; None: none)
 PHASES: tuple[tuple[str, float | None], ...] = (
     ("chat", None), ("long-1.5s", 1.5), ("long-3s", 3.0), ("chat-again", None))
