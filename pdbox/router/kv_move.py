@@ -34,7 +34,7 @@ class Handoff:
     kv_tokens: int = 0
     # Of them, those it had to compute for the leg (the rest were in its cache).
     computed_on_old: int = 0
-    why: str = ""
+    error: str = ""  # why the leg failed (then the new worker recomputes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,7 +48,7 @@ async def handoff(session: aiohttp.ClientSession, url: str, path: str,
     try:
         params = await prefill_leg(session, url, path, body, request_id, timeout_s)
     except PrefillFailed as exc:
-        return None, Handoff(False, 1000 * (time.monotonic() - t0), why=str(exc))
+        return None, Handoff(False, 1000 * (time.monotonic() - t0), error=str(exc))
     ms = 1000 * (time.monotonic() - t0)
     total = _int(params.get("remote_num_tokens"))
     cached = _int(params.get("remote_prefill_cached_tokens"))

@@ -204,13 +204,14 @@ def test_a_running_stream_moves_by_kv(soft):
         return sum_series(text, "vllm:prompt_tokens_by_source_total", source=src)
 
     prompt = "Continue this text for a long time: " + unique_text(450)
-    body = _chat(prompt, 120) | {"ignore_eos": True}
+    body = _chat(prompt, 120) | {"ignore_eos": True,
+                                 "stream_options": {"include_usage": True}}
     rid = "kv-move-1"
     req = urllib.request.Request(f"{soft.endpoint}/chat/completions",
                                  data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json",
                                           "X-Request-Id": rid})
-    text, n_events = "", 0
+    text, n_events, usage, seam = "", 0, None, 0
     with urllib.request.urlopen(req, timeout=300) as r:
         home = r.headers["x-pdbox-decode-worker"]
         other = "prefill-0" if home == "decode-0" else "decode-0"
@@ -222,13 +223,14 @@ def test_a_running_stream_moves_by_kv(soft):
                 continue
             ev = json.loads(line[6:])
             assert "error" not in ev, ev
+            usage = ev.get("usage") or usage
             ch = ev["choices"]
             piece = ch[0].get("delta", {}).get("content") if ch else None
             if piece:
                 text += piece
                 n_events += 1
             if n_events == 20 and not moved:
-                moved = True
+                moved, seam = True, len(text)
                 mv = urllib.request.Request(
                     f"{soft.base}/pdbox/v1/streams/{rid}/move",
                     data=json.dumps({"to": other}).encode(),
@@ -249,11 +251,13 @@ def test_a_running_stream_moves_by_kv(soft):
     assert moved and flows["kv"] >= 1, flows
     assert pulled > 0 and pulled + cached >= 450, (before, after)
     assert computed <= block, (before, after)
-    reference = soft.own_answer(home, {k: v for k, v in body.items() if k != "stream"})
-    # Whole and in order: as long as asked for, and no stretch repeated at the seam.
-    assert n_events >= 100, text
-    assert text[:60] == reference[:60], (text[:200], reference[:200])
-    print(f"answer equals the unmoved greedy answer: {text == reference}")
+    # Whole: every token asked for, counted once in the usage that covers both
+    # workers' parts; in order with nothing repeated at the seam. (Not equal to an
+    # unmoved answer: greedy bf16 decoding differs with the batch it runs in.)
+    assert usage is not None and usage["completion_tokens"] == 120, usage
+    after_seam = text[seam:seam + 24]
+    assert after_seam and after_seam not in text[:seam], (text[:seam][-80:], after_seam)
+    print(f"seam: ...{text[max(0, seam - 40):seam]!r} | {after_seam!r}...")
 
 
 def test_forced_resplit_answers_every_request(soft):
