@@ -168,11 +168,11 @@ def chaos_schedule(box: Pdbox, t_load: float, stop: threading.Event, chaos: Chao
 
     1. SIGKILL of a worker on its way back (starting or warming: the prefill
        worker killed between the legs, or whichever restarts first);
-    2. SIGSTOP for STOP_S of a ready worker, once two serving workers are ready
-       (so it tests a freeze beside capacity, not a box with none), or of the
-       only ready one after 40 s;
-    3. SIGKILL of a random worker KILL_AFTER_CONT_S after the freeze ends, and
-       another while the load has LAST_KILL_BEFORE_END_S left.
+    2. SIGSTOP for STOP_S of the ready worker with the most requests in flight
+       (its streams must move), once two serving workers are ready (a freeze
+       beside capacity, not a box with none), or after 40 s whatever is ready;
+    3. SIGKILL of the busiest ready worker KILL_AFTER_CONT_S after the freeze
+       ends, and of a random one while the load has LAST_KILL_BEFORE_END_S left.
     """
     rng = random.Random(21)
 
@@ -189,8 +189,13 @@ def chaos_schedule(box: Pdbox, t_load: float, stop: threading.Event, chaos: Chao
             stop.wait(0.5)
         return None
 
-    def kill(ws: list[dict[str, Any]]) -> None:
-        pick = rng.choice(ws)
+    def busiest(ws: list[dict[str, Any]]) -> dict[str, Any]:
+        ready = [w for w in ws if w["state"] == "ready"] or ws
+        top = max(w.get("inflight") or 0 for w in ready)
+        return rng.choice([w for w in ready if (w.get("inflight") or 0) == top])
+
+    def kill(ws: list[dict[str, Any]], pick: dict[str, Any] | None = None) -> None:
+        pick = pick or rng.choice(ws)
         try:
             os.kill(pick["pid"], signal.SIGKILL)
             log(f"SIGKILL {pick['id']} ({pick['state']}) pid {pick['pid']}")
@@ -204,11 +209,11 @@ def chaos_schedule(box: Pdbox, t_load: float, stop: threading.Event, chaos: Chao
     ws = wait_for(lambda ws: sum(w["state"] == "ready" for w in ws) >= 2, 40)
     if ws is None:
         return
-    ready = [w for w in ws if w["state"] == "ready"] or ws
-    pick = rng.choice(ready)
+    pick = busiest(ws)
     pgid = os.getpgid(pick["pid"])
     os.killpg(pgid, signal.SIGSTOP)
-    log(f"SIGSTOP {pick['id']} for {STOP_S:.0f} s ({len(ready)} ready)")
+    log(f"SIGSTOP {pick['id']} for {STOP_S:.0f} s ({pick.get('inflight')} in flight; "
+        f"{sum(w['state'] == 'ready' for w in ws)} ready)")
     stop.wait(STOP_S)
     try:
         os.killpg(pgid, signal.SIGCONT)
@@ -219,7 +224,7 @@ def chaos_schedule(box: Pdbox, t_load: float, stop: threading.Event, chaos: Chao
         return
     ws = wait_for(lambda ws: True, 0)
     if ws:
-        kill(ws)
+        kill(ws, busiest(ws))
     while not stop.wait(1.0):
         if LOAD_S - (time.monotonic() - t_load) <= LAST_KILL_BEFORE_END_S:
             if LOAD_S - (time.monotonic() - t_load) > LAST_KILL_BEFORE_END_S - 5:
