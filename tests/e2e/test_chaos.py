@@ -7,9 +7,9 @@ streaming chats from CLIENTS clients while the test
    worker, held with SIGSTOP until the prefill leg answered, finds it gone at
    its NIXL pull and recomputes the prompt; the failed pull shows in /metrics),
    so the load starts with a worker restarting;
-2. SIGKILLs a random worker's main process at intervals, once a worker that is
-   restarting (its new main process, while it starts or warms up);
-3. SIGSTOPs one ready worker's whole process group for 20 s.
+2. SIGKILLs a worker's main process while it restarts (starts or warms up),
+   then SIGSTOPs a ready worker's whole process group for 20 s, then SIGKILLs
+   random workers' main processes (`chaos_schedule`).
 
 Then it checks what issue 21 asks: at least 99 % of requests answered whole
 (a 429 counts as not whole even when the client's retry after Retry-After is
@@ -49,8 +49,9 @@ CLIENTS = 10
 LOAD_S = 120.0  # closed-loop load, faults included
 LIMIT_S = 60.0  # router.request_timeout_s: no request may stay open longer
 MAX_TOKENS = 32
-KILL_AT = (10.0, 35.0, 95.0)  # seconds into the load; the second hits a restarting worker
-STOP_AT, STOP_S = 60.0, 20.0
+STOP_S = 20.0
+KILL_AFTER_CONT_S = 10.0  # the next SIGKILL, this long after the frozen worker resumed
+LAST_KILL_BEFORE_END_S = 25.0  # one more SIGKILL if the load has this long left
 READY_WITHIN_S = 60.0
 WORDS = ("alpha beta gamma delta river mountain cloud stone paper light shadow garden music "
          "copper violet window harbor meadow lantern orbit canyon").split()
@@ -162,34 +163,75 @@ def note_groups(box: Pdbox, chaos: Chaos) -> None:
 
 
 def chaos_schedule(box: Pdbox, t_load: float, stop: threading.Event, chaos: Chaos) -> None:
-    """The faults, at fixed times into the load, on workers picked at random."""
+    """The faults, each when the box is in the state it needs, on workers picked at
+    random:
+
+    1. SIGKILL of a worker on its way back (starting or warming: the prefill
+       worker killed between the legs, or whichever restarts first);
+    2. SIGSTOP for STOP_S of the ready worker with the most requests in flight
+       (its streams must move), once two serving workers are ready (a freeze
+       beside capacity, not a box with none), or after 40 s whatever is ready;
+    3. SIGKILL of the busiest ready worker KILL_AFTER_CONT_S after the freeze
+       ends, and of a random one while the load has LAST_KILL_BEFORE_END_S left.
+    """
     rng = random.Random(21)
-    events = sorted([(t, "kill") for t in KILL_AT] + [(STOP_AT, "stop")])
-    for at, what in events:
-        while time.monotonic() - t_load < at:
+
+    def log(what: str) -> None:
+        chaos.log.append((time.monotonic() - t_load, what))
+
+    def wait_for(pred: Any, timeout: float) -> list[dict[str, Any]] | None:
+        deadline = time.monotonic() + timeout
+        while not stop.is_set():
             note_groups(box, chaos)
-            if stop.wait(0.5):
-                return
-        ws = [w for w in workers(box) if w.get("pid")]
-        if what == "kill":
-            # The second kill goes to a worker on its way back, if there is one.
-            coming = [w for w in ws if w["state"] in ("starting", "warming")]
-            pick = rng.choice(coming if coming and at == KILL_AT[1] else ws)
+            ws = [w for w in workers(box) if w.get("pid")]
+            if pred(ws) or time.monotonic() >= deadline:
+                return ws
+            stop.wait(0.5)
+        return None
+
+    def busiest(ws: list[dict[str, Any]]) -> dict[str, Any]:
+        ready = [w for w in ws if w["state"] == "ready"] or ws
+        top = max(w.get("inflight") or 0 for w in ready)
+        return rng.choice([w for w in ready if (w.get("inflight") or 0) == top])
+
+    def kill(ws: list[dict[str, Any]], pick: dict[str, Any] | None = None) -> None:
+        pick = pick or rng.choice(ws)
+        try:
             os.kill(pick["pid"], signal.SIGKILL)
-            chaos.log.append((time.monotonic() - t_load,
-                              f"SIGKILL {pick['id']} ({pick['state']}) pid {pick['pid']}"))
-        else:
-            ready = [w for w in ws if w["state"] == "ready"]
-            pick = rng.choice(ready or ws)
-            pgid = os.getpgid(pick["pid"])
-            os.killpg(pgid, signal.SIGSTOP)
-            chaos.log.append((time.monotonic() - t_load, f"SIGSTOP {pick['id']} for {STOP_S:.0f} s"))
-            stop.wait(STOP_S)
-            try:
-                os.killpg(pgid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass  # restarted meanwhile (frozen past the supervisor's limit)
-            chaos.log.append((time.monotonic() - t_load, f"SIGCONT {pick['id']}"))
+            log(f"SIGKILL {pick['id']} ({pick['state']}) pid {pick['pid']}")
+        except ProcessLookupError:
+            log(f"SIGKILL {pick['id']}: already gone")
+
+    ws = wait_for(lambda ws: any(w["state"] in ("starting", "warming") for w in ws), 15)
+    if ws is None:
+        return
+    kill([w for w in ws if w["state"] in ("starting", "warming")] or ws)
+    ws = wait_for(lambda ws: sum(w["state"] == "ready" for w in ws) >= 2, 40)
+    if ws is None:
+        return
+    pick = busiest(ws)
+    pgid = os.getpgid(pick["pid"])
+    os.killpg(pgid, signal.SIGSTOP)
+    log(f"SIGSTOP {pick['id']} for {STOP_S:.0f} s ({pick.get('inflight')} in flight; "
+        f"{sum(w['state'] == 'ready' for w in ws)} ready)")
+    stop.wait(STOP_S)
+    try:
+        os.killpg(pgid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass  # restarted meanwhile (frozen past the supervisor's limit)
+    log(f"SIGCONT {pick['id']}")
+    if stop.wait(KILL_AFTER_CONT_S):
+        return
+    ws = wait_for(lambda ws: True, 0)
+    if ws:
+        kill(ws, busiest(ws))
+    while not stop.wait(1.0):
+        if LOAD_S - (time.monotonic() - t_load) <= LAST_KILL_BEFORE_END_S:
+            if LOAD_S - (time.monotonic() - t_load) > LAST_KILL_BEFORE_END_S - 5:
+                ws = wait_for(lambda ws: True, 0)
+                if ws:
+                    kill(ws)
+            return
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +334,7 @@ def test_chaos(box: Pdbox) -> None:
     faults.start()
     time.sleep(LOAD_S)
     stop.set()
-    faults.join(STOP_S + 10)
+    faults.join(STOP_S + 60)
     for t in threads:
         t.join(LIMIT_S + 90)
     t_end = time.monotonic()
