@@ -155,7 +155,8 @@ def test_phases_and_interference_run_over_mock_boxes(tmp_path: Path, mock_boxes)
     assert [s["label"] for s in data["setups"]] == ["soft", "fixed-pd"]
     assert set(data["setups"][0]["result"]["phases"]) == {"chat", "long-1.5s", "long-3s",
                                                           "chat-again"}
-    assert data["setups"][1]["overrides"] == {"router.soft_roles": False}
+    assert data["setups"][1]["overrides"] == {"router.soft_roles": False, "router.hybrid": False,
+                                              "engine.step_budget": "default"}
     assert "whole_run" in data["verdict"] and data["machine"]["cpu_model"]
     assert {r["group"] for r in data["table"]} >= {"chat", "whole run"}
 
