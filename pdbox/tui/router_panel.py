@@ -41,7 +41,13 @@ def render_router(r: dict[str, Any]) -> Group:
     figures.add_row("NIXL", f"{fmt.num(r.get('nixl_xfer_ms'), '.1f', ' ms')} · "
                     f"{fmt.num(r.get('nixl_mb_per_s'), '.0f', ' MB/s')}",
                     "429s", fmt.integer(r.get("rejected_429")))
-    figures.add_row("requests", fmt.integer(r.get("requests_total")), "", "")
+    # Streams moved between workers: by KV off a live worker (flowing decode), and
+    # by recompute after a worker died or froze.
+    mig = r.get("migrations") or {}
+    flows = mig.get("flows") or {}
+    figures.add_row("requests", fmt.integer(r.get("requests_total")),
+                    "moves", f"{fmt.integer(flows.get('kv'))} by KV · "
+                    f"{fmt.integer(mig.get('moved'))} after faults")
 
     history = r.get("history") or {}
     sparks = Table.grid(padding=(0, 1))
