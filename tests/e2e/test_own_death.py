@@ -27,8 +27,7 @@ import pytest
 from pdbox.strays import started_by
 from pdbox.workers import pgroup
 from tests.e2e.conftest import Pdbox, start_pdbox, stop_group
-from tests.faults.conftest import http_json
-from tests.faults.test_workers_real import stream_events
+from tests.faults.conftest import http_json, stream_events
 
 pytestmark = pytest.mark.e2e
 
