@@ -240,3 +240,91 @@ def test_a_step_budget_below_the_batch_is_refused_by_the_profile() -> None:
         "[decode]\n", "[decode]\nmax_num_seqs = 64\nmax_num_batched_tokens = 32\n")
     with pytest.raises(config.ProfileError, match="max_num_batched_tokens"):
         config.load_text(text, "tight.toml")
+
+
+# ------------------------------------------------- both roles' needs, damped moves
+
+
+def _window(batch: float, ctx_per_seq: float, prompt_tps: float, backlog: float,
+            decode_tps: float = 0.0, until: int = 60):
+    from pdbox.resplit import BatchWindow
+
+    w = BatchWindow(60.0)
+    for t in range(0, until + 1, 5):
+        w.add(float(t), batch, batch * ctx_per_seq, prompt_tps * t, backlog,
+              decode_tps * t, 0.0)
+    return w
+
+
+def _gpu_resplit_profile():
+    p = config.load("gh200-pd")
+    return dataclasses.replace(p, autoscaler=dataclasses.replace(p.autoscaler, resplit=True))
+
+
+def test_needs_weigh_prefill_backlog_as_well_as_the_decode_batch() -> None:
+    from pdbox.replay.split_sim import BoxModel
+    from pdbox.resplit import split_needs
+
+    p = config.load("gh200-pd")
+    model = BoxModel.for_profile(p)
+    calm = split_needs(model, _window(8, 2000, 1000, 0), p.slo.itl_s)
+    busy = split_needs(model, _window(8, 2000, 40_000, 2_000_000), p.slo.itl_s)
+    assert busy.prefill_units > calm.prefill_units
+    assert busy.decode_units == calm.decode_units  # same batch, same decode need
+    # The floor keeps up with arrivals alone; the need also drains the backlog.
+    assert busy.prefill_floor <= busy.prefill_units
+    assert model.prefill_tps(busy.prefill_floor) >= 40_000 or busy.prefill_floor == 90
+    # The decode role's own prefills need compute too.
+    local = split_needs(model, _window(8, 2000, 40_000, 0, decode_tps=30_000), p.slo.itl_s)
+    assert local.decode_units > calm.decode_units
+
+
+def test_target_shares_slack_evenly_and_never_starves_a_role() -> None:
+    from pdbox.resplit import SplitNeed
+
+    # Both fit: each its need, the slack split evenly (not all to one role).
+    assert SplitNeed(70, 10, 60, 10, 100, "").target_prefill() == 80
+    # Overloaded: floors first, then the rest by what each still lacks.
+    t = SplitNeed(90, 90, 30, 20, 100, "").target_prefill()
+    assert 30 <= t <= 80 and t == pytest.approx(30 + 50 * 60 / 130)
+    # Floors alone do not fit: in proportion to them.
+    assert SplitNeed(90, 90, 75, 50, 100, "").target_prefill() == pytest.approx(60)
+
+
+def test_no_move_while_each_role_has_its_need() -> None:
+    from pdbox.resplit import SplitNeed
+
+    p = _gpu_resplit_profile()  # 60/40
+    ctl = SplitController(dwell_s=0.0)
+    # Decode needs 10, prefill 20: the old loop gave prefill the rest (90/10).
+    assert ctl.propose_needs(p, SplitNeed(20, 10, 10, 10, 100, ""), now=100.0) is None
+    assert "has its need" in ctl.held
+
+
+def test_a_move_waits_as_long_as_it_costs_and_is_bounded() -> None:
+    from pdbox.resplit import MAX_STEP_SHARE, SplitNeed
+
+    p = _gpu_resplit_profile()  # 60/40
+    ctl = SplitController(dwell_s=300.0)
+    need = SplitNeed(10, 90, 10, 80, 100, "decode short")
+    assert ctl.propose_needs(p, need, now=100.0, move_cost_s=120.0) is None
+    assert ctl.propose_needs(p, need, now=200.0, move_cost_s=120.0) is None
+    assert "short for 100s" in ctl.held
+    new = ctl.propose_needs(p, need, now=220.0, move_cost_s=120.0)
+    assert new is not None
+    # Wanted 10/90; a move goes at most MAX_STEP_SHARE of the card.
+    assert new.prefill_sm_percent == 60 - int(100 * MAX_STEP_SHARE)
+    # A shortage that ends resets the count.
+    ctl2 = SplitController(dwell_s=0.0)
+    assert ctl2.propose_needs(p, need, now=0.0, move_cost_s=120.0) is None
+    ctl2.propose_needs(p, SplitNeed(40, 40, 10, 10, 100, ""), now=60.0, move_cost_s=120.0)
+    assert ctl2.propose_needs(p, need, now=130.0, move_cost_s=120.0) is None
+
+
+def test_a_cpu_move_is_one_core_at_a_time() -> None:
+    from pdbox.resplit import SplitNeed
+
+    p = four_core_profile()  # prefill 0,1 / decode 2,3
+    ctl = SplitController(dwell_s=0.0)
+    new = ctl.propose_needs(p, SplitNeed(1, 3, 1, 3, 4, ""), now=0.0)
+    assert new is not None and len(new.decode_cores) == 3
