@@ -58,9 +58,11 @@ class Resplitter:
 
             self._model = BoxModel.for_profile(p)
         need = resplit.split_needs(self._model, self.batch, p.slo.itl_s)
-        # A move restarts each role in turn: it costs two start-ups.
+        pre_units = resplit.current_split(self.fleet.live_profile).prefill_share() * \
+            self._model.units
         new = self.ctl.propose_needs(self.fleet.live_profile, need, now,
-                                     move_cost_s=2 * self._model.startup_s)
+                                     move_cost_s=resplit.move_cost_s(self._model, self.batch,
+                                                                     pre_units))
         if new is None:
             return
         why = need.why

@@ -282,13 +282,26 @@ class SplitController:
             self.short_since = None
             self.held = "each role has its need under the current split"
             return None
+        # Overloaded (no split meets both needs): a move cannot bring both within
+        # their SLOs, while its restarts send every request to the other worker,
+        # behind the backlog, for two start-ups. Only a role under its floor (its
+        # queue or ITL would grow without bound) is worth that, and only as far as
+        # its floor.
+        if need.overloaded() and not need.below_floor(cur_pre):
+            self.short_since = None
+            self.held = "overloaded: no split meets both needs, and each role has its floor"
+            return None
+        want = need.nearest_floors(cur_pre) if need.overloaded() else need.target_prefill()
+        if need.strands_backlog(want):
+            self.held = (f"{need.backlog_tokens:.0f} prompt tokens waiting: a move now "
+                         "would strand the requests its restarts send to the other worker")
+            return None
         if self.short_since is None:
             self.short_since = now
         if now - self.short_since < move_cost_s:
             self.held = (f"a role is short for {now - self.short_since:.0f}s of the "
                          f"{move_cost_s:.0f}s a move costs")
             return None
-        want = need.target_prefill()
         step = MAX_STEP_SHARE * n
         if profile.hardware.device == "cpu":
             step = max(1.0, float(round(step)))
@@ -472,6 +485,20 @@ class SplitNeed:
     decode_floor: float
     units: int
     why: str
+    # Prompt tokens waiting, the prefill speed one unit gives (prefill is
+    # compute-bound: linear in the share, on a GPU and on cores alike), and a
+    # worker's start-up: what a move's restarts strand (propose_needs).
+    backlog_tokens: float = 0.0
+    tps_per_unit: float = 0.0
+    startup_s: float = 0.0
+
+    def strands_backlog(self, prefill_units: float) -> bool:
+        """A move now would leave requests behind a backlog: the waiting prompts take
+        longer than a start-up to prefill even on the new split, so every request
+        that arrives while a role restarts (served whole by the other worker) waits
+        behind them and decodes beside their chunks."""
+        tps = self.tps_per_unit * prefill_units
+        return tps > 0 and self.backlog_tokens / tps > self.startup_s
 
     def target_prefill(self) -> float:
         """Prefill's units in the split both needs ask for.
@@ -490,6 +517,23 @@ class SplitNeed:
             return n * pf / max(pf + df, 1e-9)
         lack_p, lack_d = pu - pf, du - df
         return pf + (n - pf - df) * lack_p / max(lack_p + lack_d, 1e-9)
+
+    def overloaded(self) -> bool:
+        """No split gives both roles their needs."""
+        return self.prefill_units + self.decode_units > self.units
+
+    def below_floor(self, prefill_units: float) -> bool:
+        """Some role holds less than its floor under a split giving prefill these units."""
+        return prefill_units < self.prefill_floor or \
+            self.units - prefill_units < self.decode_floor
+
+    def nearest_floors(self, prefill_units: float) -> float:
+        """The split nearest `prefill_units` that gives each role its floor (in
+        proportion to the floors when they do not both fit)."""
+        pf, df, n = self.prefill_floor, self.decode_floor, float(self.units)
+        if pf + df >= n:
+            return n * pf / max(pf + df, 1e-9)
+        return min(n - df, max(pf, prefill_units))
 
     def short(self, prefill_units: float) -> bool:
         """Some role holds less than its need under a split giving prefill these units:
@@ -526,7 +570,19 @@ def split_needs(model: Any, window: BatchWindow, itl_slo_s: float) -> SplitNeed:
     why = (f"prefill {rate:.0f} prompt tokens/s + {backlog:.0f} waiting need {pre:.0f} "
            f"(floor {pre_floor:.0f}); decode batch p90 {b:.0f} and {d_rate:.0f} local "
            f"prompt tokens/s need {dec:.0f} (floor {dec_floor:.0f}) of {model.units} units")
-    return SplitNeed(pre, dec, pre_floor, dec_floor, model.units, why)
+    return SplitNeed(pre, dec, pre_floor, dec_floor, model.units, why, backlog,
+                     model.prefill_tps(model.units) / model.units, model.startup_s)
+
+
+def move_cost_s(model: Any, window: BatchWindow, prefill_units: float) -> float:
+    """How long a move takes, the time a shortage must last before one pays (ski
+    rental): each role down for a start-up, and before that the prefill role
+    draining the prompts waiting on it at its current speed (break before make:
+    its queued requests finish first, while every new one goes to the other
+    worker)."""
+    tps = model.prefill_tps(prefill_units)
+    drain = window.backlog() / tps if tps > 0 else 0.0
+    return 2 * model.startup_s + drain
 
 
 # A move goes at most this share of the box toward its target: a need measured under

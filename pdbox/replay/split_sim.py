@@ -61,6 +61,7 @@ from pdbox.resplit import (
     apply_split,
     current_split,
     describe_split,
+    move_cost_s,
     order_roles,
     split_needs,
 )
@@ -378,8 +379,9 @@ class _SplitSim:
         if not self.resplit or self.target is not None or not self.batch.full(now):
             return
         need = split_needs(self.m, self.batch, self.p.slo.itl_s)
-        # A move restarts each role in turn: its cost is two start-ups.
-        new = self.ctl.propose_needs(self.live, need, now, move_cost_s=2 * self.m.startup_s)
+        new = self.ctl.propose_needs(self.live, need, now,
+                                     move_cost_s=move_cost_s(self.m, self.batch,
+                                                             self.w["prefill"].units))
         if new is None:
             return
         why = need.why
