@@ -338,9 +338,9 @@ def test_overloaded_moves_only_to_lift_a_role_to_its_floor() -> None:
     # No split meets both needs, each has its floor: a move only costs.
     assert ctl.propose_needs(p, SplitNeed(90, 60, 50, 30, 100, ""), now=0.0) is None
     assert "overloaded" in ctl.held
-    # Decode under its floor (20 of 40... needs 50): only as far as the floor.
-    new = ctl.propose_needs(p, SplitNeed(90, 60, 40, 50, 100, ""), now=0.0)
-    assert new is not None and new.decode_sm_percent == 50
+    # Decode under its floor (holds 40, must have 60): only as far as the floor.
+    new = ctl.propose_needs(p, SplitNeed(90, 80, 30, 60, 100, ""), now=0.0)
+    assert new is not None and new.decode_sm_percent == 60
 
 
 def test_a_move_that_would_strand_a_backlog_waits() -> None:
@@ -348,8 +348,8 @@ def test_a_move_that_would_strand_a_backlog_waits() -> None:
 
     p = _gpu_resplit_profile()  # 60/40
     ctl = SplitController(dwell_s=0.0)
-    # 1M tokens waiting at 300 tokens/s per unit: over a minute even on 80 %.
-    big = SplitNeed(70, 10, 60, 10, 100, "", backlog_tokens=1e6, tps_per_unit=300.0,
+    # 1M tokens waiting at 100 tokens/s per unit: over a minute even on 80 %.
+    big = SplitNeed(70, 10, 60, 10, 100, "", backlog_tokens=1e6, tps_per_unit=100.0,
                     startup_s=60.0)
     assert ctl.propose_needs(p, big, now=0.0) is None and "strand" in ctl.held
     small = dataclasses.replace(big, backlog_tokens=1e5)
