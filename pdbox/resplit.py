@@ -472,7 +472,8 @@ class SplitNeed:
     """What each role needs of the box, in its units (SM percent or cores).
 
     `*_units`: what serves the role within its SLO (prefill: keep up with the
-    prompts arriving and drain the waiting ones within one window; decode: a step
+    prompts arriving; not the waiting ones, which a move cannot clear sooner: break
+    before make, the prefill worker drains them at its old speed first; decode: a step
     at its batch p90 within half the ITL target, the other half for prefill chunks
     beside it). `*_floor`: the least it must never go below (prefill: keep up with
     arrivals alone, else its queue only grows; decode: a step within the whole ITL
@@ -546,10 +547,11 @@ def split_needs(model: Any, window: BatchWindow, itl_slo_s: float) -> SplitNeed:
     """Each role's need from its own backlog: decode from its batch and ITL, prefill
     from its prompt arrivals and waiting prompts (`model`: a split_sim.BoxModel).
 
-    The window is also the drain horizon for waiting prompts: the loop looks again
-    a window later, so that is the time it can judge a backlog gone (a property of
-    the loop, not of a machine). With no prompt figures (an older caller), prefill
-    needs whatever decode leaves, as before.
+    Waiting prompts do not raise prefill's need (a move drains them at the old speed
+    before it restarts the role); they make a move cost more (`move_cost_s`) and hold
+    it while it would strand requests behind them (`SplitNeed.strands_backlog`).
+    With no prompt figures (an older caller), prefill needs whatever decode leaves,
+    as before.
     """
     b, ctx = window.p90()
     dec = model.decode_units_for(b, ctx, 0.5 * itl_slo_s)
@@ -560,16 +562,17 @@ def split_needs(model: Any, window: BatchWindow, itl_slo_s: float) -> SplitNeed:
                          f"decode batch p90 {b:.0f} needs {dec:.0f} of {model.units} units")
     # The decode role's own prefills (short prompts served whole there) need compute
     # too: its units must carry them as well as its batch.
-    d_rate, d_backlog = window.prompt_rate("decode") or 0.0, window.backlog("decode")
-    rate, backlog = max(0.0, rate - d_rate), max(0.0, window.backlog() - d_backlog)
-    pre = model.prefill_units_for(rate + backlog / window.window_s)
-    pre_floor = model.prefill_units_for(rate)
-    if d_rate or d_backlog:
-        dec = max(dec, model.prefill_units_for(d_rate + d_backlog / window.window_s))
+    d_rate = window.prompt_rate("decode") or 0.0
+    rate, backlog = max(0.0, rate - d_rate), window.backlog()
+    # Keeping up with arrivals is both prefill's need and its floor: less, and its
+    # queue grows without bound.
+    pre = pre_floor = model.prefill_units_for(rate)
+    if d_rate:
+        dec = max(dec, model.prefill_units_for(d_rate))
         dec_floor = max(dec_floor, model.prefill_units_for(d_rate))
-    why = (f"prefill {rate:.0f} prompt tokens/s + {backlog:.0f} waiting need {pre:.0f} "
-           f"(floor {pre_floor:.0f}); decode batch p90 {b:.0f} and {d_rate:.0f} local "
-           f"prompt tokens/s need {dec:.0f} (floor {dec_floor:.0f}) of {model.units} units")
+    why = (f"prefill {rate:.0f} prompt tokens/s need {pre:.0f} of {model.units} units; "
+           f"decode batch p90 {b:.0f} and {d_rate:.0f} local prompt tokens/s need "
+           f"{dec:.0f} (floor {dec_floor:.0f}); {backlog:.0f} prompt tokens waiting")
     return SplitNeed(pre, dec, pre_floor, dec_floor, model.units, why, backlog,
                      model.prefill_tps(model.units) / model.units, model.startup_s)
 

@@ -261,7 +261,7 @@ def _gpu_resplit_profile():
     return dataclasses.replace(p, autoscaler=dataclasses.replace(p.autoscaler, resplit=True))
 
 
-def test_needs_weigh_prefill_backlog_as_well_as_the_decode_batch() -> None:
+def test_needs_weigh_prefill_arrivals_as_well_as_the_decode_batch() -> None:
     from pdbox.replay.split_sim import BoxModel
     from pdbox.resplit import split_needs
 
@@ -271,9 +271,11 @@ def test_needs_weigh_prefill_backlog_as_well_as_the_decode_batch() -> None:
     busy = split_needs(model, _window(8, 2000, 40_000, 2_000_000), p.slo.itl_s)
     assert busy.prefill_units > calm.prefill_units
     assert busy.decode_units == calm.decode_units  # same batch, same decode need
-    # The floor keeps up with arrivals alone; the need also drains the backlog.
-    assert busy.prefill_floor <= busy.prefill_units
+    # Keeping up with arrivals is the need and the floor; the waiting prompts are
+    # what a move would strand and must first drain.
+    assert busy.prefill_floor == busy.prefill_units
     assert model.prefill_tps(busy.prefill_floor) >= 40_000 or busy.prefill_floor == 90
+    assert busy.backlog_tokens == 2_000_000 and busy.tps_per_unit > 0
     # The decode role's own prefills need compute too.
     local = split_needs(model, _window(8, 2000, 40_000, 0, decode_tps=30_000), p.slo.itl_s)
     assert local.decode_units > calm.decode_units
