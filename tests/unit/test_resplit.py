@@ -357,3 +357,39 @@ def test_a_move_that_would_strand_a_backlog_waits() -> None:
     small = dataclasses.replace(big, backlog_tokens=1e5)
     new = ctl.propose_needs(p, small, now=0.0)
     assert new is not None and new.prefill_sm_percent == 80
+
+
+def test_live_loop_feeds_both_roles_load_and_holds_while_each_has_its_need(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The live loop (pdbox/fleet_resplit.py) samples prompt tokens from the router's
+    counter and the workers' waiting requests, and moves nothing on a calm box (the old
+    rule moved it to 90/10 after a minute: decode needed 10, prefill got the rest)."""
+    from types import SimpleNamespace
+
+    from pdbox import fleet_resplit
+    from pdbox.router.metrics import RouterMetrics
+
+    p = _gpu_resplit_profile()
+    metrics = RouterMetrics()
+    backends = {"d": SimpleNamespace(role="decode", running=4, waiting=0, kv_usage=0.01,
+                                     num_blocks=10_000),
+                "p": SimpleNamespace(role="prefill", running=0, waiting=1, kv_usage=0.0,
+                                     num_blocks=10_000)}
+    events: list[str] = []
+    fleet = SimpleNamespace(profile=p, live_profile=p, drains=[],
+                            registry=SimpleNamespace(backends=backends),
+                            router=SimpleNamespace(metrics=metrics),
+                            event=lambda kind, text: events.append(text))
+    clock = [1000.0]
+    monkeypatch.setattr(fleet_resplit.time, "monotonic", lambda: clock[0])
+    rs = fleet_resplit.Resplitter(fleet)  # type: ignore[arg-type]
+    moved: list[object] = []
+    monkeypatch.setattr(rs, "resplit_to", lambda new, why, itl=None: moved.append(new))
+    for _ in range(40):  # 200 s at 2 requests of 1000 prompt tokens per second
+        metrics.requests.inc(10)
+        metrics.prompt_tokens.inc(10_000)
+        rs.maybe_resplit()
+        clock[0] += 5.0
+    assert rs.batch.prompt_rate() == pytest.approx(2000.0)
+    assert rs.batch.backlog() == pytest.approx(1000.0)  # one waiting, mean prompt 1000
+    assert not moved and "has its need" in rs.ctl.held
