@@ -292,7 +292,7 @@ class SplitController:
             self.held = "overloaded: no split meets both needs, and each role has its floor"
             return None
         want = need.nearest_floors(cur_pre) if need.overloaded() else need.target_prefill()
-        if need.strands_backlog(want):
+        if need.strands_backlog(cur_pre):
             self.held = (f"{need.backlog_tokens:.0f} prompt tokens waiting: a move now "
                          "would strand the requests its restarts send to the other worker")
             return None
@@ -495,9 +495,10 @@ class SplitNeed:
 
     def strands_backlog(self, prefill_units: float) -> bool:
         """A move now would leave requests behind a backlog: the waiting prompts take
-        longer than a start-up to prefill even on the new split, so every request
-        that arrives while a role restarts (served whole by the other worker) waits
-        behind them and decodes beside their chunks."""
+        longer than a start-up to prefill on the current split (`prefill_units`; break
+        before make, the prefill worker drains them at its old speed before it
+        restarts), and every request that arrives meanwhile and while each role
+        restarts is served by the other worker alone, beside long prompts' chunks."""
         tps = self.tps_per_unit * prefill_units
         return tps > 0 and self.backlog_tokens / tps > self.startup_s
 

@@ -350,7 +350,7 @@ def test_a_move_that_would_strand_a_backlog_waits() -> None:
 
     p = _gpu_resplit_profile()  # 60/40
     ctl = SplitController(dwell_s=0.0)
-    # 1M tokens waiting at 100 tokens/s per unit: over a minute even on 80 %.
+    # 1M tokens waiting at 100 tokens/s per unit: over a minute on the current 60 %.
     big = SplitNeed(70, 10, 60, 10, 100, "", backlog_tokens=1e6, tps_per_unit=100.0,
                     startup_s=60.0)
     assert ctl.propose_needs(p, big, now=0.0) is None and "strand" in ctl.held
