@@ -57,7 +57,9 @@ class Resplitter:
             from pdbox.replay.split_sim import BoxModel
 
             self._model = BoxModel.for_profile(p)
-        need = resplit.split_needs(self._model, self.batch, p.slo.itl_s)
+        dec_units = (1 - resplit.current_split(self.fleet.live_profile).prefill_share()) * \
+            self._model.units
+        need = resplit.split_needs(self._model, self.batch, p.slo.itl_s, dec_units)
         pre_units = resplit.current_split(self.fleet.live_profile).prefill_share() * \
             self._model.units
         new = self.ctl.propose_needs(self.fleet.live_profile, need, now,

@@ -291,6 +291,12 @@ class SplitController:
             self.short_since = None
             self.held = "overloaded: no split meets both needs, and each role has its floor"
             return None
+        if need.prefill_floor + need.decode_floor > n:
+            # Not even both floors fit: some queue grows whatever the split, and a move
+            # would only shift the starvation onto the other role, for two restarts.
+            self.short_since = None
+            self.held = "overloaded: no split gives both roles their floors"
+            return None
         want = need.nearest_floors(cur_pre) if need.overloaded() else need.target_prefill()
         if need.strands_backlog(cur_pre):
             self.held = (f"{need.backlog_tokens:.0f} prompt tokens waiting: a move now "
@@ -544,7 +550,8 @@ class SplitNeed:
             self.units - prefill_units < self.decode_units
 
 
-def split_needs(model: Any, window: BatchWindow, itl_slo_s: float) -> SplitNeed:
+def split_needs(model: Any, window: BatchWindow, itl_slo_s: float,
+                decode_units_now: float | None = None) -> SplitNeed:
     """Each role's need from its own backlog: decode from its batch and ITL, prefill
     from its prompt arrivals and waiting prompts (`model`: a split_sim.BoxModel).
 
@@ -555,10 +562,10 @@ def split_needs(model: Any, window: BatchWindow, itl_slo_s: float) -> SplitNeed:
     as before.
     """
     b, ctx = window.p90()
-    dec = model.decode_units_for(b, ctx, 0.5 * itl_slo_s)
-    dec_floor = model.decode_units_for(b, ctx, itl_slo_s)
     rate = window.prompt_rate()
     if rate is None:
+        dec = model.decode_units_for(b, ctx, 0.5 * itl_slo_s)
+        dec_floor = model.decode_units_for(b, ctx, itl_slo_s)
         return SplitNeed(model.units - dec, dec, 0.0, dec_floor, model.units,
                          f"decode batch p90 {b:.0f} needs {dec:.0f} of {model.units} units")
     # The decode role's own prefills (short prompts served whole there) need compute
@@ -568,9 +575,9 @@ def split_needs(model: Any, window: BatchWindow, itl_slo_s: float) -> SplitNeed:
     # Keeping up with arrivals is both prefill's need and its floor: less, and its
     # queue grows without bound.
     pre = pre_floor = model.prefill_units_for(rate)
-    if d_rate:
-        dec = max(dec, model.prefill_units_for(d_rate))
-        dec_floor = max(dec_floor, model.prefill_units_for(d_rate))
+    # Decode at the batch it would have on fewer units, with its own prefills.
+    dec = model.decode_units_for(b, ctx, 0.5 * itl_slo_s, d_rate, decode_units_now)
+    dec_floor = model.decode_units_for(b, ctx, itl_slo_s, d_rate, decode_units_now)
     why = (f"prefill {rate:.0f} prompt tokens/s need {pre:.0f} of {model.units} units; "
            f"decode batch p90 {b:.0f} and {d_rate:.0f} local prompt tokens/s need "
            f"{dec:.0f} (floor {dec_floor:.0f}); {backlog:.0f} prompt tokens waiting")

@@ -130,14 +130,33 @@ class BoxModel:
             return self.cpu.kv_transfer_s
         return 0.002 + tokens * self.kv_bytes_per_token / (0.25 * self.bandwidth / MBU)
 
-    def decode_units_for(self, batch: float, context: float, step_target_s: float) -> float:
-        """The fewest units (5 % steps, or whole cores) whose decode step of `batch`
-        takes at most `step_target_s`; the most a split may give when none does."""
+    def decode_units_for(self, batch: float, context: float, step_target_s: float,
+                         local_prompt_tps: float = 0.0, units_now: float | None = None
+                         ) -> float:
+        """The fewest units (5 % steps, or whole cores) on which decode's mean token
+        time stays within `step_target_s`; the most a split may give when none does.
+
+        `batch` and `context` were measured on `units_now` (None: taken as they are).
+        On fewer units each step is slower, so each stream stays longer and the batch
+        grows in proportion (Little's law): judged at the batch it would have there,
+        not the one it has here, which is what made the old loop give decode 10 % and
+        then 90 %. `local_prompt_tps`: prompts the role prefills itself; the share of
+        its time they take stretches every stream's token time."""
         step = 1 if self.device == "cpu" else 5
         floor = 1 if self.device == "cpu" else 10
+        b = max(1, round(batch))
+        t_now = self.step_s(units_now, b, context, 0) if units_now else 0.0
+
+        def token_s(u: float) -> float:
+            bu, cu = b, context
+            if t_now > 0:
+                grow = max(1.0, self.step_s(u, b, context, 0) / t_now)
+                bu, cu = max(1, round(b * grow)), context * grow
+            busy = local_prompt_tps / self.prefill_tps(u) if local_prompt_tps else 0.0
+            return float("inf") if busy >= 1 else self.step_s(u, bu, cu, 0) / (1 - busy)
+
         units = floor
-        while units < self.units - floor and \
-                self.step_s(units, max(1, round(batch)), context, 0) > step_target_s:
+        while units < self.units - floor and token_s(units) > step_target_s:
             units += step
         return float(units)
 
@@ -378,7 +397,7 @@ class _SplitSim:
         # Nothing moves before a whole window of load has been seen.
         if not self.resplit or self.target is not None or not self.batch.full(now):
             return
-        need = split_needs(self.m, self.batch, self.p.slo.itl_s)
+        need = split_needs(self.m, self.batch, self.p.slo.itl_s, self.w["decode"].units)
         new = self.ctl.propose_needs(self.live, need, now,
                                      move_cost_s=move_cost_s(self.m, self.batch,
                                                              self.w["prefill"].units))

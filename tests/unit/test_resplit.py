@@ -393,3 +393,25 @@ def test_live_loop_feeds_both_roles_load_and_holds_while_each_has_its_need(
     assert rs.batch.prompt_rate() == pytest.approx(2000.0)
     assert rs.batch.backlog() == pytest.approx(1000.0)  # one waiting, mean prompt 1000
     assert not moved and "has its need" in rs.ctl.held
+
+
+def test_no_move_when_not_even_both_floors_fit() -> None:
+    from pdbox.resplit import SplitNeed
+
+    p = _gpu_resplit_profile()  # 60/40
+    ctl = SplitController(dwell_s=0.0)
+    # Prefill under its floor, but giving it 90 would leave decode under its 20.
+    assert ctl.propose_needs(p, SplitNeed(90, 25, 90, 20, 100, ""), now=0.0) is None
+    assert "floors" in ctl.held
+
+
+def test_decode_need_counts_the_batch_it_would_have_on_fewer_units() -> None:
+    from pdbox.replay.split_sim import BoxModel
+
+    model = BoxModel.for_profile(config.load("gh200-pd"))
+    ctx = 30 * 1500
+    here = model.decode_units_for(30, ctx, 0.025)
+    # Measured on 40 %: on fewer units each stream stays longer, so the batch grows.
+    assert model.decode_units_for(30, ctx, 0.025, units_now=40) >= here
+    # Its own prefills take a share of its time.
+    assert model.decode_units_for(30, ctx, 0.025, local_prompt_tps=5000) > here
