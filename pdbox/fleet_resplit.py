@@ -36,11 +36,12 @@ class Resplitter:
     def maybe_resplit(self, decode_itl_p90_s: float | None = None) -> None:
         """Move a core (CPU) or SM share (MPS) between the roles: the rule replay judges.
 
-        Decode gets the fewest units whose step at its batch of the last minute
-        (p90) stays within half the ITL target, prefill the rest
-        (`resplit.itl_demands`, with the device model of pdbox/replay/split_sim.py).
-        `SplitController` holds the hysteresis, the dwell after each move and the
-        operator's pin; a split the card cannot hold step by step is not tried
+        Both roles' needs over the last minute (`resplit.split_needs`, with the
+        device model of pdbox/replay/split_sim.py): decode from its batch p90 and
+        the ITL target, prefill from the prompt tokens routed and waiting.
+        `SplitController.propose_needs` moves only when a role is short of its
+        need for as long as a move costs, by a bounded step, past the hysteresis
+        and the dwell, and holds the operator's pin; a split the card cannot hold step by step is not tried
         (it would fail, revert and be retried every period).
         """
         p = self.fleet.profile
@@ -48,17 +49,25 @@ class Resplitter:
             return
         now = time.monotonic()
         running, context = self._decoding()
-        self.batch.add(now, running, context)
+        prompts, backlog = self._prompts()
+        self.batch.add(now, running, context, prompts, backlog)
         if self.busy or self.fleet.drains or not self.batch.full(now):
             return
         if self._model is None:
             from pdbox.replay.split_sim import BoxModel
 
             self._model = BoxModel.for_profile(p)
-        pre, dec, why = resplit.itl_demands(self._model, self.batch, p.slo.itl_s)
-        new = self.ctl.propose(self.fleet.live_profile, pre, dec, now)
+        dec_units = (1 - resplit.current_split(self.fleet.live_profile).prefill_share()) * \
+            self._model.units
+        need = resplit.split_needs(self._model, self.batch, p.slo.itl_s, dec_units)
+        pre_units = resplit.current_split(self.fleet.live_profile).prefill_share() * \
+            self._model.units
+        new = self.ctl.propose_needs(self.fleet.live_profile, need, now,
+                                     move_cost_s=resplit.move_cost_s(self._model, self.batch,
+                                                                     pre_units))
         if new is None:
             return
+        why = need.why
         try:
             self.resplit_to(new, why, decode_itl_p90_s)
         except resplit.SplitError as exc:
@@ -73,6 +82,15 @@ class Resplitter:
             running += b.running
             context += b.kv_usage * b.num_blocks * self.fleet.profile.model.block_size
         return running, context
+
+    def _prompts(self) -> tuple[float, float]:
+        """Prompt tokens the router has routed so far (its counter), and an estimate of
+        those waiting to be prefilled: the workers' waiting requests at the mean prompt
+        length routed so far (vLLM reports waiting requests, not their tokens)."""
+        m = self.fleet.router.metrics
+        total, count = m.prompt_tokens.total(), m.requests.total()
+        waiting = sum(b.waiting for b in self.fleet.registry.backends.values())
+        return total, waiting * (total / count if count else 0.0)
 
     def pin_split(self, text: str | None) -> dict[str, Any]:
         """The operator's split (`pdbox scale split A/B`), or `None` to hand it back."""

@@ -238,6 +238,7 @@ class SplitController:
         self.last_reason = ""
         self.phase = ""  # what a re-split in progress is doing now
         self.held = ""  # why the last look moved nothing
+        self.short_since: float | None = None  # since when a role lacks its need
 
     def propose(self, profile: Profile, prefill_load: float, decode_load: float,
                 now: float) -> Split | None:
@@ -254,8 +255,72 @@ class SplitController:
         self.held = "" if new else "load ratio within the hysteresis band"
         return new
 
+    def propose_needs(self, profile: Profile, need: SplitNeed, now: float,
+                      move_cost_s: float = 0.0, hysteresis: float = 0.15) -> Split | None:
+        """The damped move toward the split both roles' needs ask for (`SplitNeed`).
+
+        Nothing moves while the pin or the dwell holds, while every role has its
+        need under the current split (a move costs two restarts and gains nothing
+        then), until a role has been short for `move_cost_s` in a row (the time the
+        move itself takes: each role down for its start-up), or while the target
+        is within the hysteresis of the current share. Waiting as long as the move
+        costs is the ski-rental rule: a shortage that ends sooner (a burst, a phase
+        that passes) costs less than moving would have, and one that lasts is paid
+        at most twice. A move goes at most MAX_STEP_SHARE of the box.
+        """
+        if self.pinned is not None:
+            self.held = f"pinned to {self.pinned} by the operator"
+            return None
+        left = self.dwell_s - (now - self.last_move_at)
+        if left > 0:
+            self.held = f"dwell: {left:.0f}s until the split may move again"
+            return None
+        cur = current_split(profile)
+        n = float(need.units)
+        cur_pre = cur.prefill_share() * n
+        if not need.short(cur_pre):
+            self.short_since = None
+            self.held = "each role has its need under the current split"
+            return None
+        # Overloaded (no split meets both needs): a move cannot bring both within
+        # their SLOs, while its restarts send every request to the other worker,
+        # behind the backlog, for two start-ups. Only a role under its floor (its
+        # queue or ITL would grow without bound) is worth that, and only as far as
+        # its floor.
+        if need.overloaded() and not need.below_floor(cur_pre):
+            self.short_since = None
+            self.held = "overloaded: no split meets both needs, and each role has its floor"
+            return None
+        if need.prefill_floor + need.decode_floor > n:
+            # Not even both floors fit: some queue grows whatever the split, and a move
+            # would only shift the starvation onto the other role, for two restarts.
+            self.short_since = None
+            self.held = "overloaded: no split gives both roles their floors"
+            return None
+        want = need.nearest_floors(cur_pre) if need.overloaded() else need.target_prefill()
+        if need.strands_backlog(cur_pre):
+            self.held = (f"{need.backlog_tokens:.0f} prompt tokens waiting: a move now "
+                         "would strand the requests its restarts send to the other worker")
+            return None
+        if self.short_since is None:
+            self.short_since = now
+        if now - self.short_since < move_cost_s:
+            self.held = (f"a role is short for {now - self.short_since:.0f}s of the "
+                         f"{move_cost_s:.0f}s a move costs")
+            return None
+        step = MAX_STEP_SHARE * n
+        if profile.hardware.device == "cpu":
+            step = max(1.0, float(round(step)))
+        want = min(cur_pre + step, max(cur_pre - step, want))
+        from pdbox.autoscaler import propose_split
+
+        new = propose_split(profile, want, n - want, cur, hysteresis=hysteresis)
+        self.held = "" if new else "the needs are within the hysteresis of the current split"
+        return new
+
     def moved(self, now: float, reason: str) -> None:
         self.last_move_at = now
+        self.short_since = None
         self.last_reason = reason
 
     def status(self, profile: Profile, now: float) -> dict[str, object]:
@@ -346,19 +411,35 @@ def size_batched_tokens(role: str, current: int, *, prefill_tps: float | None,
 
 
 class BatchWindow:
-    """The decode batch over the last `window_s`: running sequences and their KV tokens,
-    sampled once per period. The same object feeds the live loop and the replay."""
+    """Both roles' load over the last `window_s`, sampled once per period: the decode
+    batch (running sequences and their KV tokens), and the prefill work (prompt tokens
+    routed so far, a counter, and prompt tokens waiting to be prefilled). The same
+    object feeds the live loop and the replay."""
 
     def __init__(self, window_s: float = 60.0) -> None:
         self.window_s = window_s
         self._samples: deque[tuple[float, float, float]] = deque()
+        # (time, prompt tokens routed, waiting; the same two for the decode role's own
+        # local prefills, which its steps carry beside the batch)
+        self._prompts: deque[tuple[float, float, float, float, float]] = deque()
         self._first: float | None = None
 
-    def add(self, now: float, running: float, context: float) -> None:
+    def add(self, now: float, running: float, context: float,
+            prompt_tokens: float | None = None, backlog_tokens: float = 0.0,
+            decode_prompt_tokens: float = 0.0, decode_backlog_tokens: float = 0.0) -> None:
+        """`prompt_tokens`: the count of prompt tokens routed since start (a counter);
+        `backlog_tokens`: prompt tokens routed but not yet prefilled. Without them
+        only the decode side is known (prefill's need reads as unknown).
+        `decode_*`: the part of both routed to the decode role to prefill locally
+        (where known; 0 counts it all as the prefill role's)."""
         self._first = now if self._first is None else self._first
         self._samples.append((now, running, context))
-        while self._samples and self._samples[0][0] < now - self.window_s:
-            self._samples.popleft()
+        if prompt_tokens is not None:
+            self._prompts.append((now, prompt_tokens, max(0.0, backlog_tokens),
+                                  decode_prompt_tokens, max(0.0, decode_backlog_tokens)))
+        for q in (self._samples, self._prompts):
+            while q and q[0][0] < now - self.window_s:
+                q.popleft()
 
     def full(self, now: float) -> bool:
         """A whole window has been seen (nothing moves on less)."""
@@ -372,6 +453,154 @@ class BatchWindow:
         b = batches[int(0.9 * (len(batches) - 1))]
         per_seq = sum(c for _, _, c in self._samples) / max(1.0, sum(batches))
         return b, b * per_seq
+
+    def prompt_rate(self, role: str = "all") -> float | None:
+        """Prompt tokens routed per second over the window (None: not measured);
+        `role` "decode": those the decode role prefills itself."""
+        if len(self._prompts) < 2:
+            return None
+        i = 3 if role == "decode" else 1
+        first, last = self._prompts[0], self._prompts[-1]
+        dt = last[0] - first[0]
+        return max(0.0, last[i] - first[i]) / dt if dt > 0 else None
+
+    def backlog(self, role: str = "all") -> float:
+        """Prompt tokens waiting to be prefilled, the window's mean: one long prompt
+        arriving just before a look does not read as a standing queue."""
+        if not self._prompts:
+            return 0.0
+        i = 4 if role == "decode" else 2
+        return sum(s[i] for s in self._prompts) / len(self._prompts)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitNeed:
+    """What each role needs of the box, in its units (SM percent or cores).
+
+    `*_units`: what serves the role within its SLO (prefill: keep up with the
+    prompts arriving; not the waiting ones, which a move cannot clear sooner: break
+    before make, the prefill worker drains them at its old speed first; decode: a step
+    at its batch p90 within half the ITL target, the other half for prefill chunks
+    beside it). `*_floor`: the least it must never go below (prefill: keep up with
+    arrivals alone, else its queue only grows; decode: a step within the whole ITL
+    target). Both come from the role's own demand, not from a machine's constant.
+    """
+
+    prefill_units: float
+    decode_units: float
+    prefill_floor: float
+    decode_floor: float
+    units: int
+    why: str
+    # Prompt tokens waiting, the prefill speed one unit gives (prefill is
+    # compute-bound: linear in the share, on a GPU and on cores alike), and a
+    # worker's start-up: what a move's restarts strand (propose_needs).
+    backlog_tokens: float = 0.0
+    tps_per_unit: float = 0.0
+    startup_s: float = 0.0
+
+    def strands_backlog(self, prefill_units: float) -> bool:
+        """A move now would leave requests behind a backlog: the waiting prompts take
+        longer than a start-up to prefill on the current split (`prefill_units`; break
+        before make, the prefill worker drains them at its old speed before it
+        restarts), and every request that arrives meanwhile and while each role
+        restarts is served by the other worker alone, beside long prompts' chunks."""
+        tps = self.tps_per_unit * prefill_units
+        return tps > 0 and self.backlog_tokens / tps > self.startup_s
+
+    def target_prefill(self) -> float:
+        """Prefill's units in the split both needs ask for.
+
+        Both fit: each gets its need and the slack is split evenly, so that either
+        role's need can grow by as much before the next move (giving all of it to
+        one role is what made the old loop swing). They do not fit: each first gets its
+        floor, then what is left goes in proportion to what each still lacks, so
+        the role with the larger backlog gains, but neither starves.
+        """
+        pu, du, n = self.prefill_units, self.decode_units, float(self.units)
+        if pu + du <= n:
+            return pu + (n - pu - du) / 2
+        pf, df = min(self.prefill_floor, pu), min(self.decode_floor, du)
+        if pf + df >= n:
+            return n * pf / max(pf + df, 1e-9)
+        lack_p, lack_d = pu - pf, du - df
+        return pf + (n - pf - df) * lack_p / max(lack_p + lack_d, 1e-9)
+
+    def overloaded(self) -> bool:
+        """No split gives both roles their needs."""
+        return self.prefill_units + self.decode_units > self.units
+
+    def below_floor(self, prefill_units: float) -> bool:
+        """Some role holds less than its floor under a split giving prefill these units."""
+        return prefill_units < self.prefill_floor or \
+            self.units - prefill_units < self.decode_floor
+
+    def nearest_floors(self, prefill_units: float) -> float:
+        """The split nearest `prefill_units` that gives each role its floor (in
+        proportion to the floors when they do not both fit)."""
+        pf, df, n = self.prefill_floor, self.decode_floor, float(self.units)
+        if pf + df >= n:
+            return n * pf / max(pf + df, 1e-9)
+        return min(n - df, max(pf, prefill_units))
+
+    def short(self, prefill_units: float) -> bool:
+        """Some role holds less than its need under a split giving prefill these units:
+        only then is a move (two restarts) worth anything."""
+        return prefill_units < self.prefill_units or \
+            self.units - prefill_units < self.decode_units
+
+
+def split_needs(model: Any, window: BatchWindow, itl_slo_s: float,
+                decode_units_now: float | None = None) -> SplitNeed:
+    """Each role's need from its own backlog: decode from its batch and ITL, prefill
+    from its prompt arrivals and waiting prompts (`model`: a split_sim.BoxModel).
+
+    Waiting prompts do not raise prefill's need (a move drains them at the old speed
+    before it restarts the role); they make a move cost more (`move_cost_s`) and hold
+    it while it would strand requests behind them (`SplitNeed.strands_backlog`).
+    With no prompt figures (an older caller), prefill needs whatever decode leaves,
+    as before.
+    """
+    b, ctx = window.p90()
+    rate = window.prompt_rate()
+    if rate is None:
+        dec = model.decode_units_for(b, ctx, 0.5 * itl_slo_s)
+        dec_floor = model.decode_units_for(b, ctx, itl_slo_s)
+        return SplitNeed(model.units - dec, dec, 0.0, dec_floor, model.units,
+                         f"decode batch p90 {b:.0f} needs {dec:.0f} of {model.units} units")
+    # The decode role's own prefills (short prompts served whole there) need compute
+    # too: its units must carry them as well as its batch.
+    d_rate = window.prompt_rate("decode") or 0.0
+    rate, backlog = max(0.0, rate - d_rate), window.backlog()
+    # Keeping up with arrivals is both prefill's need and its floor: less, and its
+    # queue grows without bound.
+    pre = pre_floor = model.prefill_units_for(rate)
+    # Decode at the batch it would have on fewer units, with its own prefills.
+    dec = model.decode_units_for(b, ctx, 0.5 * itl_slo_s, d_rate, decode_units_now)
+    dec_floor = model.decode_units_for(b, ctx, itl_slo_s, d_rate, decode_units_now)
+    why = (f"prefill {rate:.0f} prompt tokens/s need {pre:.0f} of {model.units} units; "
+           f"decode batch p90 {b:.0f} and {d_rate:.0f} local prompt tokens/s need "
+           f"{dec:.0f} (floor {dec_floor:.0f}); {backlog:.0f} prompt tokens waiting")
+    return SplitNeed(pre, dec, pre_floor, dec_floor, model.units, why, backlog,
+                     model.prefill_tps(model.units) / model.units, model.startup_s)
+
+
+def move_cost_s(model: Any, window: BatchWindow, prefill_units: float) -> float:
+    """How long a move takes, the time a shortage must last before one pays (ski
+    rental): each role down for a start-up, and before that the prefill role
+    draining the prompts waiting on it at its current speed (break before make:
+    its queued requests finish first, while every new one goes to the other
+    worker)."""
+    tps = model.prefill_tps(prefill_units)
+    drain = window.backlog() / tps if tps > 0 else 0.0
+    return 2 * model.startup_s + drain
+
+
+# A move goes at most this share of the box toward its target: a need measured under
+# one split is biased by it (a starved role's queue and batch grow), so the loop
+# walks and looks again rather than jumping to the far end. A share, not units, so
+# it holds on any box; on a small CPU box it is one core.
+MAX_STEP_SHARE = 0.25
 
 
 def itl_demands(model: Any, window: BatchWindow, itl_slo_s: float) -> tuple[float, float, str]:

@@ -68,8 +68,9 @@ def _print_table(results: list[dict[str, Any]]) -> None:
 @click.option("--fixed-split", default=None, metavar="PREFILL/DECODE",
               help="Autoscale mode, P/D profile: also replay this static split (SM percent on "
               "a GPU profile, e.g. 60/40; core sets on a CPU one, e.g. 0/1) with soft roles off.")
-@click.option("--then", "then_trace", type=click.Path(dir_okay=False), default=None,
-              help="Append this trace after the first one ends (a mix that changes).")
+@click.option("--then", "then_trace", type=click.Path(dir_okay=False), multiple=True,
+              help="Append this trace after the first one ends (a mix that changes); "
+              "repeat it for more phases, e.g. conversation, long prompts, conversation.")
 @click.option("--then-rate-scale", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
               show_default=True, help="--rate-scale of the appended trace, relative to the first.")
 @click.option("--head-s", type=click.FloatRange(min=0.0, min_open=True), default=None,
@@ -91,7 +92,7 @@ def replay(
     fixed: int | None,
     plot: str | None,
     fixed_split: str | None,
-    then_trace: str | None,
+    then_trace: tuple[str, ...],
     then_rate_scale: float,
     head_s: float | None,
     as_json: bool,
@@ -103,8 +104,8 @@ def replay(
         requests = load(trace)
         if head_s is not None:
             requests = [r for r in requests if r.arrival_s < head_s]
-        if then_trace is not None:
-            more = load(then_trace)
+        for path in then_trace:
+            more = load(path)
             if head_s is not None:
                 more = [r for r in more if r.arrival_s < head_s]
             requests = concat(requests, more, then_rate_scale)

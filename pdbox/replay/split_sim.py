@@ -34,11 +34,12 @@ With soft roles off, the threshold decider: long remote, short local. While
 one role restarts, the other serves every request whole.
 
 The re-split loop (`resplit=True`) is the live one (`pdbox.resplit`): every
-`autoscaler.period_s` it gives decode the fewest units whose step at its
-recent batch stays within half the ITL target (`itl_demands`) and prefill the
-rest; `SplitController` (hysteresis, dwell) turns that into a move, which is
-break before make: a role drains, restarts for `startup_s` on its new share,
-then the other.
+`autoscaler.period_s` it weighs both roles' needs over the last minute
+(`split_needs`: decode from its batch and the ITL target, prefill from its
+prompt arrivals and waiting prompts); `SplitController.propose_needs` moves
+only when a role is short of its need, by a bounded step, past the
+hysteresis and the dwell. A move is break before make: a role drains,
+restarts for `startup_s` on its new share, then the other.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ from pdbox.resplit import (
     apply_split,
     current_split,
     describe_split,
-    itl_demands,
+    move_cost_s,
     order_roles,
+    split_needs,
 )
 from pdbox.router.metrics import percentile
 
@@ -128,14 +130,48 @@ class BoxModel:
             return self.cpu.kv_transfer_s
         return 0.002 + tokens * self.kv_bytes_per_token / (0.25 * self.bandwidth / MBU)
 
-    def decode_units_for(self, batch: float, context: float, step_target_s: float) -> float:
-        """The fewest units (5 % steps, or whole cores) whose decode step of `batch`
-        takes at most `step_target_s`; the most a split may give when none does."""
+    def decode_units_for(self, batch: float, context: float, step_target_s: float,
+                         local_prompt_tps: float = 0.0, units_now: float | None = None
+                         ) -> float:
+        """The fewest units (5 % steps, or whole cores) on which decode's mean token
+        time stays within `step_target_s`; the most a split may give when none does.
+
+        `batch` and `context` were measured on `units_now` (None: taken as they are).
+        On fewer units each step is slower, so each stream stays longer and the batch
+        grows in proportion (Little's law): judged at the batch it would have there,
+        not the one it has here, which is what made the old loop give decode 10 % and
+        then 90 %. `local_prompt_tps`: prompts the role prefills itself; the share of
+        its time they take stretches every stream's token time."""
+        step = 1 if self.device == "cpu" else 5
+        floor = 1 if self.device == "cpu" else 10
+        b = max(1, round(batch))
+        t_now = self.step_s(units_now, b, context, 0) if units_now else 0.0
+
+        def token_s(u: float) -> float:
+            bu, cu = b, context
+            if t_now > 0:
+                grow = max(1.0, self.step_s(u, b, context, 0) / t_now)
+                bu, cu = max(1, round(b * grow)), context * grow
+            busy = local_prompt_tps / self.prefill_tps(u) if local_prompt_tps else 0.0
+            return float("inf") if busy >= 1 else self.step_s(u, bu, cu, 0) / (1 - busy)
+
+        units = floor
+        while units < self.units - floor and token_s(units) > step_target_s:
+            units += step
+        return float(units)
+
+    def prefill_tps(self, units: float) -> float:
+        """Prompt tokens per second a prefill worker on `units` reaches (full steps)."""
+        t = self.step_s(units, 0, 0, self.max_batched_tokens)
+        return self.max_batched_tokens / t if t > 0 else float("inf")
+
+    def prefill_units_for(self, tokens_per_s: float) -> float:
+        """The fewest units (5 % steps, or whole cores) that prefill `tokens_per_s`;
+        the most a split may give when none does."""
         step = 1 if self.device == "cpu" else 5
         floor = 1 if self.device == "cpu" else 10
         units = floor
-        while units < self.units - floor and \
-                self.step_s(units, max(1, round(batch)), context, 0) > step_target_s:
+        while units < self.units - floor and self.prefill_tps(units) < tokens_per_s:
             units += step
         return float(units)
 
@@ -224,6 +260,8 @@ class _SplitSim:
         self.target: Profile | None = None
         self.batch = BatchWindow(WINDOW_S)
         self.finished = 0
+        self.prompt_total = 0.0  # prompt tokens routed so far (the live router's counter)
+        self.decode_prompts = 0.0  # of which routed to the decode worker to prefill
 
     def _units(self, sp: Split, role: str) -> float:
         if self.m.device == "cpu":
@@ -235,6 +273,10 @@ class _SplitSim:
         heapq.heappush(self.events, (t, self.seq, kind, data))
 
     # ------------------------------------------------------------- routing
+
+    def arrive(self, r: _Req) -> None:
+        self.prompt_total += r.inp
+        self.route(r)
 
     def route(self, r: _Req) -> None:
         pre, dec = self.w["prefill"], self.w["decode"]
@@ -266,6 +308,8 @@ class _SplitSim:
 
     def assign(self, w: _Worker, r: _Req, path: str, remote: bool) -> None:
         r.path = path
+        if w.role == "decode":
+            self.decode_prompts += r.inp
         w.queue.append(_Job(r, r.inp, remote))
         self.kick(w)
 
@@ -342,15 +386,24 @@ class _SplitSim:
 
     def tick(self) -> None:
         now = self.now
+        # Prefill's backlog: prompt tokens routed and not yet prefilled (worker queues,
+        # and requests held while no worker is up), as the live loop estimates it.
+        backlog = sum(j.left for w in self.w.values() for j in w.queue) + \
+            sum(r.inp for r in self.pending)
+        d_backlog = sum(j.left for j in self.w["decode"].queue)
         self.batch.add(now, sum(len(w.running) for w in self.w.values()),
-                       sum(w.ctx for w in self.w.values()))
+                       sum(w.ctx for w in self.w.values()), self.prompt_total, backlog,
+                       self.decode_prompts, d_backlog)
         # Nothing moves before a whole window of load has been seen.
         if not self.resplit or self.target is not None or not self.batch.full(now):
             return
-        pre, dec, why = itl_demands(self.m, self.batch, self.p.slo.itl_s)
-        new = self.ctl.propose(self.live, pre, dec, now)
+        need = split_needs(self.m, self.batch, self.p.slo.itl_s, self.w["decode"].units)
+        new = self.ctl.propose_needs(self.live, need, now,
+                                     move_cost_s=move_cost_s(self.m, self.batch,
+                                                             self.w["prefill"].units))
         if new is None:
             return
+        why = need.why
         self.ctl.moved(now, why)
         target = apply_split(self.live, new)
         self.moves.append({"t": round(now, 1), "to": describe_split(new), "why": why})
@@ -393,7 +446,7 @@ class _SplitSim:
         while self.events and self.finished < len(self.reqs):
             self.now, _, kind, data = heapq.heappop(self.events)
             if kind == "arrive":
-                self.route(data)
+                self.arrive(data)
             elif kind == "step":
                 self.on_step(*data)
             elif kind == "to_decode":

@@ -240,3 +240,178 @@ def test_a_step_budget_below_the_batch_is_refused_by_the_profile() -> None:
         "[decode]\n", "[decode]\nmax_num_seqs = 64\nmax_num_batched_tokens = 32\n")
     with pytest.raises(config.ProfileError, match="max_num_batched_tokens"):
         config.load_text(text, "tight.toml")
+
+
+# ------------------------------------------------- both roles' needs, damped moves
+
+
+def _window(batch: float, ctx_per_seq: float, prompt_tps: float, backlog: float,
+            decode_tps: float = 0.0, until: int = 60):
+    from pdbox.resplit import BatchWindow
+
+    w = BatchWindow(60.0)
+    for t in range(0, until + 1, 5):
+        w.add(float(t), batch, batch * ctx_per_seq, prompt_tps * t, backlog,
+              decode_tps * t, 0.0)
+    return w
+
+
+def _gpu_resplit_profile():
+    p = config.load("gh200-pd")
+    return dataclasses.replace(p, autoscaler=dataclasses.replace(p.autoscaler, resplit=True))
+
+
+def test_needs_weigh_prefill_arrivals_as_well_as_the_decode_batch() -> None:
+    from pdbox.replay.split_sim import BoxModel
+    from pdbox.resplit import split_needs
+
+    p = config.load("gh200-pd")
+    model = BoxModel.for_profile(p)
+    calm = split_needs(model, _window(8, 2000, 1000, 0), p.slo.itl_s)
+    busy = split_needs(model, _window(8, 2000, 40_000, 2_000_000), p.slo.itl_s)
+    assert busy.prefill_units > calm.prefill_units
+    assert busy.decode_units == calm.decode_units  # same batch, same decode need
+    # Keeping up with arrivals is the need and the floor; the waiting prompts are
+    # what a move would strand and must first drain.
+    assert busy.prefill_floor == busy.prefill_units
+    assert model.prefill_tps(busy.prefill_floor) >= 40_000 or busy.prefill_floor == 90
+    assert busy.backlog_tokens == 2_000_000 and busy.tps_per_unit > 0
+    # The decode role's own prefills need compute too.
+    local = split_needs(model, _window(8, 2000, 40_000, 0, decode_tps=30_000), p.slo.itl_s)
+    assert local.decode_units > calm.decode_units
+
+
+def test_target_shares_slack_evenly_and_never_starves_a_role() -> None:
+    from pdbox.resplit import SplitNeed
+
+    # Both fit: each its need, the slack split evenly (not all to one role).
+    assert SplitNeed(70, 10, 60, 10, 100, "").target_prefill() == 80
+    # Overloaded: floors first, then the rest by what each still lacks.
+    t = SplitNeed(90, 90, 30, 20, 100, "").target_prefill()
+    assert 30 <= t <= 80 and t == pytest.approx(30 + 50 * 60 / 130)
+    # Floors alone do not fit: in proportion to them.
+    assert SplitNeed(90, 90, 75, 50, 100, "").target_prefill() == pytest.approx(60)
+
+
+def test_no_move_while_each_role_has_its_need() -> None:
+    from pdbox.resplit import SplitNeed
+
+    p = _gpu_resplit_profile()  # 60/40
+    ctl = SplitController(dwell_s=0.0)
+    # Decode needs 10, prefill 20: the old loop gave prefill the rest (90/10).
+    assert ctl.propose_needs(p, SplitNeed(20, 10, 10, 10, 100, ""), now=100.0) is None
+    assert "has its need" in ctl.held
+
+
+def test_a_move_waits_as_long_as_it_costs_and_is_bounded() -> None:
+    from pdbox.resplit import MAX_STEP_SHARE, SplitNeed
+
+    p = _gpu_resplit_profile()  # 60/40
+    ctl = SplitController(dwell_s=300.0)
+    need = SplitNeed(10, 90, 10, 80, 100, "decode short")
+    assert ctl.propose_needs(p, need, now=100.0, move_cost_s=120.0) is None
+    assert ctl.propose_needs(p, need, now=200.0, move_cost_s=120.0) is None
+    assert "short for 100s" in ctl.held
+    new = ctl.propose_needs(p, need, now=220.0, move_cost_s=120.0)
+    assert new is not None
+    # Wanted 10/90; a move goes at most MAX_STEP_SHARE of the card.
+    assert new.prefill_sm_percent == 60 - int(100 * MAX_STEP_SHARE)
+    # A shortage that ends resets the count.
+    ctl2 = SplitController(dwell_s=0.0)
+    assert ctl2.propose_needs(p, need, now=0.0, move_cost_s=120.0) is None
+    ctl2.propose_needs(p, SplitNeed(40, 40, 10, 10, 100, ""), now=60.0, move_cost_s=120.0)
+    assert ctl2.propose_needs(p, need, now=130.0, move_cost_s=120.0) is None
+
+
+def test_a_cpu_move_is_one_core_at_a_time() -> None:
+    from pdbox.resplit import SplitNeed
+
+    p = four_core_profile()  # prefill 0,1 / decode 2,3
+    ctl = SplitController(dwell_s=0.0)
+    new = ctl.propose_needs(p, SplitNeed(1, 3, 1, 3, 4, ""), now=0.0)
+    assert new is not None and len(new.decode_cores) == 3
+
+
+def test_overloaded_moves_only_to_lift_a_role_to_its_floor() -> None:
+    from pdbox.resplit import SplitNeed
+
+    p = _gpu_resplit_profile()  # 60/40
+    ctl = SplitController(dwell_s=0.0)
+    # No split meets both needs, each has its floor: a move only costs.
+    assert ctl.propose_needs(p, SplitNeed(90, 60, 50, 30, 100, ""), now=0.0) is None
+    assert "overloaded" in ctl.held
+    # Decode under its floor (holds 40, must have 60): only as far as the floor.
+    new = ctl.propose_needs(p, SplitNeed(90, 80, 30, 60, 100, ""), now=0.0)
+    assert new is not None and new.decode_sm_percent == 60
+
+
+def test_a_move_that_would_strand_a_backlog_waits() -> None:
+    from pdbox.resplit import SplitNeed
+
+    p = _gpu_resplit_profile()  # 60/40
+    ctl = SplitController(dwell_s=0.0)
+    # 1M tokens waiting at 100 tokens/s per unit: over a minute on the current 60 %.
+    big = SplitNeed(70, 10, 60, 10, 100, "", backlog_tokens=1e6, tps_per_unit=100.0,
+                    startup_s=60.0)
+    assert ctl.propose_needs(p, big, now=0.0) is None and "strand" in ctl.held
+    small = dataclasses.replace(big, backlog_tokens=1e5)
+    new = ctl.propose_needs(p, small, now=0.0)
+    assert new is not None and new.prefill_sm_percent == 80
+
+
+def test_live_loop_feeds_both_roles_load_and_holds_while_each_has_its_need(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The live loop (pdbox/fleet_resplit.py) samples prompt tokens from the router's
+    counter and the workers' waiting requests, and moves nothing on a calm box (the old
+    rule moved it to 90/10 after a minute: decode needed 10, prefill got the rest)."""
+    from types import SimpleNamespace
+
+    from pdbox import fleet_resplit
+    from pdbox.router.metrics import RouterMetrics
+
+    p = _gpu_resplit_profile()
+    metrics = RouterMetrics()
+    backends = {"d": SimpleNamespace(role="decode", running=4, waiting=0, kv_usage=0.01,
+                                     num_blocks=10_000),
+                "p": SimpleNamespace(role="prefill", running=0, waiting=1, kv_usage=0.0,
+                                     num_blocks=10_000)}
+    events: list[str] = []
+    fleet = SimpleNamespace(profile=p, live_profile=p, drains=[],
+                            registry=SimpleNamespace(backends=backends),
+                            router=SimpleNamespace(metrics=metrics),
+                            event=lambda kind, text: events.append(text))
+    clock = [1000.0]
+    monkeypatch.setattr(fleet_resplit.time, "monotonic", lambda: clock[0])
+    rs = fleet_resplit.Resplitter(fleet)  # type: ignore[arg-type]
+    moved: list[object] = []
+    monkeypatch.setattr(rs, "resplit_to", lambda new, why, itl=None: moved.append(new))
+    for _ in range(40):  # 200 s at 2 requests of 1000 prompt tokens per second
+        metrics.requests.inc(10)
+        metrics.prompt_tokens.inc(10_000)
+        rs.maybe_resplit()
+        clock[0] += 5.0
+    assert rs.batch.prompt_rate() == pytest.approx(2000.0)
+    assert rs.batch.backlog() == pytest.approx(1000.0)  # one waiting, mean prompt 1000
+    assert not moved and "has its need" in rs.ctl.held
+
+
+def test_no_move_when_not_even_both_floors_fit() -> None:
+    from pdbox.resplit import SplitNeed
+
+    p = _gpu_resplit_profile()  # 60/40
+    ctl = SplitController(dwell_s=0.0)
+    # Prefill under its floor, but giving it 90 would leave decode under its 20.
+    assert ctl.propose_needs(p, SplitNeed(90, 25, 90, 20, 100, ""), now=0.0) is None
+    assert "floors" in ctl.held
+
+
+def test_decode_need_counts_the_batch_it_would_have_on_fewer_units() -> None:
+    from pdbox.replay.split_sim import BoxModel
+
+    model = BoxModel.for_profile(config.load("gh200-pd"))
+    ctx = 30 * 1500
+    here = model.decode_units_for(30, ctx, 0.025)
+    # Measured on 40 %: on fewer units each stream stays longer, so the batch grows.
+    assert model.decode_units_for(30, ctx, 0.025, units_now=40) >= here
+    # Its own prefills take a share of its time.
+    assert model.decode_units_for(30, ctx, 0.025, local_prompt_tps=5000) > here
