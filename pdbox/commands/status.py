@@ -43,10 +43,10 @@ def status(as_json: bool) -> None:
                f"mode {snap.get('mode')}  policy {snap.get('policy')}")
     click.echo(f"endpoint {snap.get('endpoint')}  up {_fmt(snap.get('uptime_s'), 's', digits=0)}")
     click.echo("")
-    click.echo(f"{'worker':<14}{'role':<12}{'state':<12}{'pid':>8}{'port':>7}  {'slice':<14}"
+    click.echo(f"{'worker':<14}{'role':<12}{'state':<20}{'pid':>8}{'port':>7}  {'slice':<14}"
                f"{'queue':>6}{'run':>5}{'kv':>7}{'hit':>7}{'restarts':>9}")
     for w in snap.get("workers", []):
-        click.echo(f"{w['id']:<14}{w['role']:<12}{w['state']:<12}{_fmt(w.get('pid')):>8}"
+        click.echo(f"{w['id']:<14}{w['role']:<12}{_state(w):<20}{_fmt(w.get('pid')):>8}"
                    f"{_fmt(w.get('port')):>7}  {str(w.get('slice') or ''):<14}"
                    f"{_fmt(w.get('queue')):>6}{_fmt(w.get('running')):>5}"
                    f"{_fmt(w.get('kv_usage'), '%', 100, 0):>7}"
@@ -163,3 +163,15 @@ def policy(name: str | None) -> None:
     except ControlError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(0)
+
+
+def _state(w: dict[str, Any]) -> str:
+    """The state, with the back-off's countdown or how long a worker has been silent."""
+    state = str(w.get("state") or "")
+    nxt = w.get("next_try_in_s")
+    if state == "backoff" and isinstance(nxt, (int, float)):
+        return f"backoff (next {nxt:.0f}s)"
+    silent = w.get("silent_s")
+    if state == "unresponsive" and isinstance(silent, (int, float)):
+        return f"unresponsive {silent:.0f}s"
+    return state
