@@ -37,7 +37,10 @@ def metric(port: int, name: str) -> float:
 def test_up_pd_restart_and_clean_stop(pdbox_factory, tmp_path):
     # Threshold decider and no autoscaler: the test decides what runs where.
     prof = profile_variant(tmp_path, "cpu-tiny", "cpu-tiny-e2e",
-                           **{"router.pd_decider": '"threshold"', "autoscaler.enabled": "false"})
+                           **{"router.pd_decider": '"threshold"', "autoscaler.enabled": "false",
+                              # The P/D flow prefill -> decode, checked on the decode
+                              # worker; hybrid's reverse direction is test_hybrid's.
+                              "router.hybrid": "false"})
     t0 = time.monotonic()
     box = pdbox_factory(["--profile", str(prof)])
     startup_s = time.monotonic() - t0
