@@ -240,16 +240,23 @@ class SplitController:
         self.held = ""  # why the last look moved nothing
         self.short_since: float | None = None  # since when a role lacks its need
 
+    def _held(self, now: float) -> bool:
+        """Whether the operator's pin or the dwell after the last move holds the split
+        (and `held` says which)."""
+        if self.pinned is not None:
+            self.held = f"pinned to {self.pinned} by the operator"
+            return True
+        left = self.dwell_s - (now - self.last_move_at)
+        if left > 0:
+            self.held = f"dwell: {left:.0f}s until the split may move again"
+            return True
+        return False
+
     def propose(self, profile: Profile, prefill_load: float, decode_load: float,
                 now: float) -> Split | None:
         from pdbox.autoscaler import propose_split
 
-        if self.pinned is not None:
-            self.held = f"pinned to {self.pinned} by the operator"
-            return None
-        left = self.dwell_s - (now - self.last_move_at)
-        if left > 0:
-            self.held = f"dwell: {left:.0f}s until the split may move again"
+        if self._held(now):
             return None
         new = propose_split(profile, *demands(prefill_load, decode_load), current_split(profile))
         self.held = "" if new else "load ratio within the hysteresis band"
@@ -268,12 +275,7 @@ class SplitController:
         that passes) costs less than moving would have, and one that lasts is paid
         at most twice. A move goes at most MAX_STEP_SHARE of the box.
         """
-        if self.pinned is not None:
-            self.held = f"pinned to {self.pinned} by the operator"
-            return None
-        left = self.dwell_s - (now - self.last_move_at)
-        if left > 0:
-            self.held = f"dwell: {left:.0f}s until the split may move again"
+        if self._held(now):
             return None
         cur = current_split(profile)
         n = float(need.units)
