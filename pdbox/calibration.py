@@ -157,18 +157,41 @@ def machine_key(cpu_model: str, simd_flags: list[str], key: str) -> str:
     return f"{cpu_model} [{' '.join(simd_flags)}] · {key}"
 
 
-def load_file(path: Path) -> dict[str, Calibration]:
-    """Figures kept in one file by key; a missing or damaged file is no figures."""
+# The speeds file keeps this many of a slice's last calibrations, newest last.
+# Step budgets size from the slowest of them: a calibration times one worker for
+# a few seconds, often while the machine's other workers sit idle, and under
+# load the same slice runs slower (prefill on one 2-core VM measured 980 to
+# 3,100 tokens/s from start to start). The slowest recent figure is a speed the
+# slice has really shown; a one-off bad one leaves after this many calibrations.
+SPEEDS_KEPT = 6
+
+
+def load_file(path: Path) -> dict[str, list[Calibration]]:
+    """Recent figures kept in one file by key, oldest first; a missing or damaged
+    file is no figures. A key holding one figure (no history) reads as a list of one."""
     try:
         raw = json.loads(path.read_text())
-        return {k: Calibration.from_dict(v) for k, v in raw.items()}
+        return {k: [Calibration.from_dict(x) for x in (v if isinstance(v, list) else [v])]
+                for k, v in raw.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
 
-def save_file(path: Path, figures: dict[str, Calibration]) -> None:
+def save_file(path: Path, figures: dict[str, list[Calibration]]) -> None:
     """Written aside and renamed, so a crash leaves the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({k: v.to_dict() for k, v in figures.items()}, indent=2) + "\n")
+    tmp.write_text(json.dumps({k: [c.to_dict() for c in v] for k, v in figures.items()},
+                              indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def remember(history: list[Calibration], cal: Calibration,
+             keep: int = SPEEDS_KEPT) -> list[Calibration]:
+    """`history` with `cal` added as the newest, at most `keep` long."""
+    return [*history, cal][-keep:]
+
+
+def slowest(history: list[Calibration]) -> Calibration:
+    """The figure with the lowest prefill speed: what a step budget is sized from."""
+    return min(history, key=lambda c: c.prefill_tps)

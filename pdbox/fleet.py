@@ -178,14 +178,18 @@ class Fleet:
         measured for them): a restart starts warm, and so does a new home."""
         self._calibrations = calibration.load(self.run_dir)
         machine = calibration.load_file(paths.speeds_file())
+        budget_figures: dict[str, calibration.Calibration] = {}
         for role in self.profile.roles():
             key = self._calibration_key(role)
-            if key not in self._calibrations and self._machine_key(key) in machine:
-                self._calibrations[key] = machine[self._machine_key(key)]
+            seen = machine.get(self._machine_key(key), [])
+            if key not in self._calibrations and seen:
+                self._calibrations[key] = seen[-1]
             if key in self._calibrations:
                 self.router.seed_calibration(role, self._calibrations[key], key)
+                # Budgets from the slowest recent figure (calibration.SPEEDS_KEPT).
+                budget_figures[key] = calibration.slowest([*seen, self._calibrations[key]])
         self.live_profile, notes = step_budgets.apply(
-            self.live_profile, self._calibrations, self._calibration_key)
+            self.live_profile, budget_figures, self._calibration_key)
         for note in notes:
             self.event("worker", note)
 
@@ -200,7 +204,8 @@ class Fleet:
         between two boxes loses one of their figures, which the next start measures)."""
         path = paths.speeds_file()
         figures = calibration.load_file(path)
-        figures[self._machine_key(key)] = cal
+        mk = self._machine_key(key)
+        figures[mk] = calibration.remember(figures.get(mk, []), cal)
         calibration.save_file(path, figures)
 
     async def _calibrate(self, spec: vllm_spec.WorkerSpec,

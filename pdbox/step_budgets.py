@@ -5,9 +5,10 @@ With `engine.step_budget = "auto"`, a role whose profile leaves
 slice prefills in its share of the ITL target. A long prompt is then prefilled
 in chunks that each fit beside the running streams' decode step, on whichever
 worker it lands, so no stream stalls for a whole prompt (docs/PD.md, *Hybrid
-P/D*). The speeds come from the machine's speeds file (the last calibration of
-the same slice, dtype, model and CPU kind); with none yet, vLLM's default
-stays for this start and the next start uses the figures this one measures.
+P/D*). The speeds come from the machine's speeds file (the slowest of the last
+few calibrations of the same slice, dtype, model and CPU kind: see
+calibration.SPEEDS_KEPT); with none yet, vLLM's default stays for this start
+and the next start uses the figures this one measures.
 
 Pure: the profile and the figures come in, a profile and notes go out.
 """

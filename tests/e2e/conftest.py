@@ -150,7 +150,26 @@ class Pdbox:
             return ""
 
 
-def start_pdbox(tmp_path: Path, args: list[str], timeout: float = 900,
+# How long a box may take to serve: model conversion on a first start plus two
+# workers' start, several times what a slow machine needs; below the suite's
+# per-test timeout (pyproject), so that a box that never serves fails with its
+# own stderr and its workers' logs rather than a bare pytest-timeout.
+START_TIMEOUT_S = 480.0
+
+
+def diagnosis(box: Pdbox, lines: int = 25) -> str:
+    """pdbox's stderr tail and the last lines of each worker's log."""
+    parts = [f"-- pdbox stderr (last 3000 chars):\n{box.stderr()[-3000:]}"]
+    for log in sorted((box.home / "run" / "logs").glob("*.log")):
+        try:
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            continue
+        parts.append(f"-- {log.name} (last {lines} lines):\n" + "\n".join(tail))
+    return "\n".join(parts)
+
+
+def start_pdbox(tmp_path: Path, args: list[str], timeout: float = START_TIMEOUT_S,
                 all_ready: bool = True) -> Pdbox:
     """pdbox up --headless; returns once it serves and, with `all_ready`, once every
     worker is ready (pdbox itself starts serving as soon as one worker can)."""
@@ -197,9 +216,9 @@ def _wait_endpoint(box: Pdbox, timeout: float) -> Pdbox:
                 box.endpoint = m.group(1)
                 return box
         if proc.poll() is not None:
-            raise AssertionError(f"pdbox exited with {proc.returncode}:\n{box.stderr()[-3000:]}")
+            raise AssertionError(f"pdbox exited with {proc.returncode}:\n{diagnosis(box)}")
         time.sleep(0.5)
-    raise AssertionError(f"pdbox not ready in {timeout}s:\n{box.stderr()[-3000:]}")
+    raise AssertionError(f"pdbox not serving in {timeout:.0f}s:\n{diagnosis(box)}")
 
 
 def stop_group(proc: subprocess.Popen[bytes], grace: float = 60) -> None:
@@ -228,7 +247,7 @@ def pdbox_factory(tmp_path: Path) -> Iterator:
     started: list[Pdbox] = []
     worker_groups: list[int] = []
 
-    def factory(args: list[str], timeout: float = 900) -> Pdbox:
+    def factory(args: list[str], timeout: float = START_TIMEOUT_S) -> Pdbox:
         box = start_pdbox(tmp_path, args, timeout)
         started.append(box)
         try:

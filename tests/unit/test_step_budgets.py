@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from pdbox import calibration, step_budgets
@@ -62,7 +63,24 @@ def test_apply_off_or_explicit() -> None:
 def test_speeds_file_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "speeds.json"
     key = calibration.machine_key("Some CPU", ["avx2", "fma"], "cores 0 · bfloat16 · m")
-    calibration.save_file(path, {key: cal(900)})
-    assert calibration.load_file(path)[key].prefill_tps == 900
+    calibration.save_file(path, {key: [cal(900), cal(700)]})
+    assert [c.prefill_tps for c in calibration.load_file(path)[key]] == [900, 700]
     path.write_text("{not json")
     assert calibration.load_file(path) == {}
+
+
+def test_a_file_of_single_figures_reads_as_histories_of_one(tmp_path: Path) -> None:
+    path = tmp_path / "speeds.json"
+    path.write_text(json.dumps({"k": cal(1100).to_dict()}))
+    assert [c.prefill_tps for c in calibration.load_file(path)["k"]] == [1100]
+
+
+def test_history_keeps_the_last_few_and_budgets_use_the_slowest() -> None:
+    history: list = []
+    for tps in (3100, 980, 2000, 2500, 2600, 2700, 2800):
+        history = calibration.remember(history, cal(tps))
+    assert len(history) == calibration.SPEEDS_KEPT
+    # 3,100 has left; 980 is still among the last six, and sizes the budget.
+    assert calibration.slowest(history).prefill_tps == 980
+    history = calibration.remember(history, cal(2900))
+    assert calibration.slowest(history).prefill_tps == 2000
