@@ -41,7 +41,7 @@ from pdbox.router.admit import AdmitStage, Refused
 from pdbox.router.backends import Backend, Registry
 from pdbox.router.choose import PathChooser, Reply, Route
 from pdbox.router.flow import Balancer
-from pdbox.router.flow import Load as FlowLoad
+from pdbox.router.flowing import FlowView
 from pdbox.router.kv_events import render_prometheus
 from pdbox.router.legs import Legs
 from pdbox.router.match import PrefixMatch
@@ -132,6 +132,7 @@ class Router:
         # Warm-up calibration per slice key (pdbox/calibration.py): measured
         # speeds that seed the decider, admission and soft roles.
         self.calibration: dict[str, Calibration] = {}
+        self._cal_by_role: dict[str, Calibration] = {}  # the same figures, by role
         self.session: aiohttp.ClientSession | None = None
         timeout = aiohttp.ClientTimeout(total=r.request_timeout_s, sock_connect=5)
         self.accepting = True
@@ -151,8 +152,12 @@ class Router:
         self.recorder = Recorder(self.metrics, self.role_mix, self.match)
         self.relay = Relay(self.recorder, self.decider, self.match, self.migrator, timeout)
         # Flowing decode (hybrid P/D): streams move by KV to even out the workers.
-        self.balancer = Balancer(profile.slo.itl_s, self._flow_loads, self._flow_move,
-                                 time.monotonic) if profile.is_pd and r.hybrid else None
+        self.flow_view = FlowView(registry, self.migrator, self.decider, self._cal_by_role.get,
+                                  self.serving_roles, self.max_model_len,
+                                  profile.model.block_size, profile.slo.itl_s)
+        self.balancer = Balancer(profile.slo.itl_s, self.flow_view.loads, self.flow_view.move,
+                                 time.monotonic, self.flow_view.move_s
+                                 ) if profile.is_pd and r.hybrid else None
         self._balancer_task: asyncio.Task[None] | None = None
         self.status = RouterStatus(registry, self.metrics, self.admission, self.decider,
                                    self.soft, self.role_mix, self.precise, self.recorder,
@@ -216,18 +221,6 @@ class Router:
         """Roles that may serve a request end to end: soft roles add prefill workers."""
         base = self.registry.decode_roles()
         return (*base, "prefill") if self.soft.enabled else base
-
-    def _flow_loads(self) -> list[FlowLoad]:
-        return [FlowLoad(b.id, max(b.running, b.inflight), len(self.migrator.movable(b.id)))
-                for b in self.registry.of_roles(self.serving_roles())]
-
-    def _flow_move(self, frm: str, to: str) -> bool:
-        """Move the youngest movable stream of `frm` to `to` (it has the most to go)."""
-        target = self.registry.get(to)
-        streams = self.migrator.movable(frm)
-        if target is None or not streams:
-            return False
-        return streams[-1].move(target, f"rebalance: {frm} ran more streams than {to}")
 
     def forget_worker(self, wid: str) -> None:
         self.soft.forget_worker(wid)
@@ -378,6 +371,7 @@ class Router:
     def seed_calibration(self, role: str, cal: Calibration, key: str = "") -> None:
         """Seed what the router learns about a role's slice from measured speeds."""
         self.calibration[key or self._slice_key(role)] = cal
+        self._cal_by_role[role] = cal
         self.decider.seed(self._slice_key(role), cal.prefill_tps, cal.step_at(1))
         slots = self.admission.max_inflight
         # A slot is held for a request's prefill and its tokens: a gate-sized

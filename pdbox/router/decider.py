@@ -276,6 +276,11 @@ class PDDecider:
         if seconds > 0:
             self._itl.setdefault(worker_id, _Ewma(self.alpha)).add(seconds)
 
+    def itl_of(self, worker_id: str) -> float | None:
+        """The worker's measured time between tokens (None: not measured yet)."""
+        e = self._itl.get(worker_id)
+        return None if e is None else e.value
+
     def _learn(self, worker_id: str, tokens: float, seconds: float) -> None:
         self._speed.setdefault(self.slice_of(worker_id), _Speed(self.alpha)).add(tokens, seconds)
 

@@ -1,16 +1,21 @@
-"""Flowing decode: running streams move between live workers to even out their load.
+"""Flowing decode: running streams move between live workers when a move pays.
 
 When a phase changes (a burst of chat ends on one worker, long prompts stop
 coming to the other), streams pile up on one worker while another has room.
 Each move goes by KV (kv_move.py): the stream's blocks are pulled from the
 worker it leaves, so a move costs about one block of prefill, not its prompt.
 
-The rule (pure, `plan`): the worker running the most streams gives one to
-the worker running the fewest when they differ by at least `min_gap`, and
-neither took part in a move within `dwell_s`. A gap of 2 is the smallest one a
-move narrows (a gap of 1 would only swap the two counts). The dwell, in ITL
-targets, damps the loop: counts are read again only after the moved stream
-has made a few tokens on its new worker.
+The rule (pure, `plan`): the worker running the most streams may give one to
+the worker running the fewest when they differ by at least `min_gap`, neither
+took part in a move within `dwell_s`, and the move pays (`pays`): the stream
+time it saves, from the workers' measured steps, is more than the move costs,
+or the busy worker's step has passed the ITL target while the other's would
+not. On a CPU whose decode step hardly grows with the batch, a move saves
+almost nothing and is not made; where steps grow with the batch (a GPU, a
+larger model) or one worker is slowed by a prefill, it is. A gap of 2 is the
+smallest one a move narrows (a gap of 1 would only swap the two counts). The
+dwell, in ITL targets, damps the loop: counts are read again only after the
+moved stream has made a few tokens on its new worker.
 """
 
 from __future__ import annotations
@@ -31,11 +36,45 @@ class Load:
     id: str
     streams: int  # requests decoding there (the router's count)
     movable: int  # of them, those a move may take now
+    # Its decode step now, in seconds (measured; None: not measured yet), and how
+    # much a step grows with each stream more (its slice's calibration).
+    step_s: float | None = None
+    slope_s: float = 0.0
+    # Tokens still owed by the stream a move would take from it.
+    left: int = 0
+    # What one KV block's prefill adds to its step: a move puts that into one step
+    # of each side (the one-token leg here, the pulled continuation there).
+    block_s: float = 0.0
+
+
+def pays(hi: Load, lo: Load, itl_s: float, move_s: float) -> tuple[bool, str]:
+    """Whether moving one stream from `hi` to `lo` pays, and why (stream-seconds).
+
+    Saved over the moved stream's `left` tokens: its own step difference, one
+    stream's share of the step for each stream left on `hi`, less the same for
+    each stream on `lo`. Cost: the moved stream's pause, `move_s` (the KV leg on
+    `hi`, from measured moves) and its first step on `lo`; and one block's prefill
+    in a step of every other stream on either side.
+    """
+    if hi.step_s is None or lo.step_s is None:
+        return False, "no measured steps yet"
+    lo_after = lo.step_s + lo.slope_s
+    cost = move_s + lo_after + (hi.streams - 1) * hi.block_s + lo.streams * lo.block_s
+    if hi.step_s > itl_s >= lo_after:
+        return True, (f"{hi.id}'s step {1000 * hi.step_s:.0f} ms is past the "
+                      f"{1000 * itl_s:.0f} ms ITL target; {lo.id}'s would be "
+                      f"{1000 * lo_after:.0f} ms")
+    per_token = (hi.step_s - lo_after) + (hi.streams - 1) * hi.slope_s - lo.streams * lo.slope_s
+    saved = hi.left * per_token
+    verdict = "saves" if saved > cost else "would save only"
+    return saved > cost, (f"{verdict} {saved:.2f} stream-s over {hi.left} tokens "
+                          f"against a move's {cost:.2f} s")
 
 
 def plan(loads: list[Load], last_move: Mapping[str, float], now: float,
-         dwell_s: float, min_gap: int = MIN_GAP) -> tuple[str, str] | None:
-    """(from, to) for one move, or None."""
+         dwell_s: float, itl_s: float, move_s: float,
+         min_gap: int = MIN_GAP) -> tuple[str, str, str] | None:
+    """(from, to, why) for one move, or None."""
     calm = [w for w in loads if now - last_move.get(w.id, -1e18) >= dwell_s]
     if len(calm) < 2:
         return None
@@ -43,30 +82,36 @@ def plan(loads: list[Load], last_move: Mapping[str, float], now: float,
     lo = min(calm, key=lambda w: (w.streams, w.id))
     if hi.id == lo.id or hi.streams - lo.streams < min_gap or hi.movable < 1:
         return None
-    return hi.id, lo.id
+    ok, why = pays(hi, lo, itl_s, move_s)
+    if not ok:
+        return None
+    return hi.id, lo.id, f"rebalance: {hi.id} ran {hi.streams} streams, {lo.id} {lo.streams}; {why}"
 
 
 class Balancer:
     """Runs `plan` every period and asks the migrator for the move."""
 
     def __init__(self, itl_s: float, loads: Callable[[], list[Load]],
-                 move: Callable[[str, str], bool], clock: Callable[[], float]) -> None:
+                 move: Callable[[str, str, str], bool], clock: Callable[[], float],
+                 move_s: Callable[[], float]) -> None:
+        self.itl_s = itl_s
         self.dwell_s = DWELL_ITL * itl_s
         self.period_s = PERIOD_ITL * itl_s
         self.loads = loads
         self.move = move
         self.clock = clock
+        self.move_s = move_s
         self.last_move: dict[str, float] = {}
         self.moves = 0
 
     def step(self) -> tuple[str, str] | None:
         now = self.clock()
-        pick = plan(self.loads(), self.last_move, now, self.dwell_s)
+        pick = plan(self.loads(), self.last_move, now, self.dwell_s, self.itl_s, self.move_s())
         if pick is None or not self.move(*pick):
             return None
         self.last_move[pick[0]] = self.last_move[pick[1]] = now
         self.moves += 1
-        return pick
+        return pick[0], pick[1]
 
     async def run(self) -> None:
         while True:

@@ -164,7 +164,9 @@ def test_repl_keeps_history_and_commands(server: tuple[FakeOpenAI, str], tmp_pat
 def test_repl_ctrl_c_cancels_the_answer_not_the_repl(server: tuple[FakeOpenAI, str]) -> None:
     fake, url = server
     fake.reply = " ".join(["word"] * 50)
-    fake.chunk_delay = 0.02
+    # Slow enough that the answer is still coming when Ctrl-C lands, however late a
+    # loaded machine runs the client: a request already whole has nothing to cancel.
+    fake.chunk_delay = 0.2
     lines = iter(["tell me a long story", "/quit"])
     out = io.StringIO()
     repl = Repl(url, "smollm2", read_line=lambda _p: next(lines), out=out)

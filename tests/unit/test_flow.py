@@ -3,33 +3,69 @@
 from __future__ import annotations
 
 from pdbox.devtools.mock_openai import MockConfig
-from pdbox.router.flow import Balancer, Load, plan
+from pdbox.router.flow import Balancer, Load, pays, plan
 from tests.helpers import sse_events
 from tests.unit.test_migration_router import split, tokens_text
 from tests.unit.test_router_app import Box, chat, pd_profile, run, until
 
+ITL = 0.25
+MOVE = 0.15  # a KV leg's measured pause
 
-def test_the_busiest_worker_gives_one_stream_to_the_idlest() -> None:
-    loads = [Load("a", 5, 5), Load("b", 1, 1)]
-    assert plan(loads, {}, now=0.0, dwell_s=2.0) == ("a", "b")
+
+def load(wid: str, streams: int, movable: int | None = None, step: float | None = 0.06,
+         slope: float = 0.01, left: int = 100, block_s: float = 0.016) -> Load:
+    return Load(wid, streams, streams if movable is None else movable, step, slope, left,
+                block_s)
+
+
+def test_the_busiest_worker_gives_one_stream_to_the_idlest_when_it_pays() -> None:
+    # Steps grow 10 ms a stream: moving one of 5 to a worker with 1 saves
+    # 100 x (0.10 - 0.07 + 4 x 0.01 - 1 x 0.01) = 6 stream-s, more than the move's
+    # 0.15 + 0.07 + 5 blocks x 0.016 = 0.30.
+    pick = plan([load("a", 5, step=0.10), load("b", 1)], {}, 0.0, 2.0, ITL, MOVE)
+    assert pick is not None and pick[:2] == ("a", "b") and "saves 6.00 stream-s" in pick[2]
     # A gap of one is no imbalance a move would narrow.
-    assert plan([Load("a", 3, 3), Load("b", 2, 2)], {}, 0.0, 2.0) is None
+    assert plan([load("a", 3), load("b", 2)], {}, 0.0, 2.0, ITL, MOVE) is None
     # Nothing movable (streams not started, being placed): no move.
-    assert plan([Load("a", 5, 0), Load("b", 0, 0)], {}, 0.0, 2.0) is None
+    assert plan([load("a", 5, 0), load("b", 0)], {}, 0.0, 2.0, ITL, MOVE) is None
+
+
+def test_a_flat_step_curve_makes_no_move_pay() -> None:
+    """A CPU whose decode step hardly grows with the batch (57 ms at 1, 62 at 4 here)."""
+    flat = dict(slope=0.0017)
+    hi, lo = load("a", 7, step=0.066, **flat, left=60), load("b", 4, step=0.062, **flat)
+    ok, why = pays(hi, lo, ITL, MOVE)
+    assert not ok and "would save only" in why
+    assert plan([hi, lo], {}, 0.0, 2.0, ITL, MOVE) is None
+    # The same gap with a long answer still to come does pay.
+    assert pays(load("a", 7, step=0.066, **flat, left=1000), lo, ITL, MOVE)[0]
+
+
+def test_a_step_past_the_itl_target_moves_whatever_the_saving() -> None:
+    ok, why = pays(load("a", 6, step=0.31, slope=0.0, left=5), load("b", 2, step=0.06),
+                   ITL, MOVE)
+    assert ok and "past the 250 ms ITL target" in why
+    # Unless the other worker would be past it too.
+    assert not pays(load("a", 6, step=0.31, slope=0.0, left=5),
+                    load("b", 2, step=0.26, slope=0.0), ITL, MOVE)[0]
+
+
+def test_no_measured_step_no_move() -> None:
+    assert plan([load("a", 6, step=None), load("b", 0)], {}, 0.0, 2.0, ITL, MOVE) is None
 
 
 def test_a_worker_that_just_moved_a_stream_dwells() -> None:
-    loads = [Load("a", 6, 6), Load("b", 0, 0), Load("c", 1, 1)]
-    assert plan(loads, {"b": 9.0}, now=10.0, dwell_s=2.0) == ("a", "c")
-    assert plan(loads, {"b": 9.0, "c": 9.5}, now=10.0, dwell_s=2.0) is None
-    assert plan(loads, {"b": 9.0, "c": 9.5}, now=11.6, dwell_s=2.0) == ("a", "b")
+    loads = [load("a", 6, step=0.2), load("b", 0), load("c", 1)]
+    assert plan(loads, {"b": 9.0}, 10.0, 2.0, ITL, MOVE)[:2] == ("a", "c")
+    assert plan(loads, {"b": 9.0, "c": 9.5}, 10.0, 2.0, ITL, MOVE) is None
+    assert plan(loads, {"b": 9.0, "c": 9.5}, 11.6, 2.0, ITL, MOVE)[:2] == ("a", "b")
 
 
 def test_balancer_counts_moves_and_damps_them() -> None:
     t = [0.0]
     moved: list[tuple[str, str]] = []
-    b = Balancer(0.25, lambda: [Load("a", 4, 4), Load("b", 0, 0)],
-                 lambda f, to: moved.append((f, to)) is None, lambda: t[0])
+    b = Balancer(ITL, lambda: [load("a", 4, step=0.2), load("b", 0)],
+                 lambda f, to, why: moved.append((f, to)) is None, lambda: t[0], lambda: MOVE)
     assert b.step() == ("a", "b")
     t[0] = 1.0
     assert b.step() is None  # within the dwell (8 ITL targets = 2 s)

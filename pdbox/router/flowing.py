@@ -1,0 +1,84 @@
+"""What the flow balancer (flow.py) reads of the live router, and the move it asks for.
+
+Kept apart from the pure rule: this reads the registry, the migrator's live
+streams, the decider's measured ITL and the slices' calibrations, and turns
+them into `flow.Load`s; `move` starts a move by KV.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+from pdbox.calibration import Calibration
+from pdbox.router.backends import Backend, Registry
+from pdbox.router.decider import PDDecider
+from pdbox.router.flow import Load
+from pdbox.router.migration import MigratingStream, Migrator
+
+# Moves measured before the cost of a move is taken from them alone.
+RECENT_MOVES = 5
+
+
+class FlowView:
+    def __init__(self, registry: Registry, migrator: Migrator, decider: PDDecider,
+                 calibration_of: Callable[[str], Calibration | None],
+                 serving_roles: Callable[[], tuple[str, ...]], max_model_len: int,
+                 block_size: int, itl_s: float) -> None:
+        self.registry = registry
+        self.migrator = migrator
+        self.decider = decider
+        self.calibration_of = calibration_of  # role -> its slice's calibration
+        self.serving_roles = serving_roles
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.itl_s = itl_s
+
+    def loads(self) -> list[Load]:
+        out = []
+        for b in self.registry.of_roles(self.serving_roles()):
+            n = max(b.running, b.inflight)
+            streams = self.migrator.movable(b.id)
+            cal = self.calibration_of(b.role)
+            step, slope = self._step(b, n, cal)
+            block_s = self.block_size / cal.prefill_tps if cal and cal.prefill_tps > 0 else 0.0
+            out.append(Load(b.id, n, len(streams), step, slope,
+                            self._left(streams[-1]) if streams else 0, block_s))
+        return out
+
+    def _step(self, b: Backend, n: int, cal: Calibration | None) -> tuple[float | None, float]:
+        """(its step now, growth per stream): the live ITL while it runs streams (a
+        prefill beside them shows there), else its calibration at this batch."""
+        at = cal.step_at if cal else (lambda _n: None)
+        now, nxt = at(max(1, n)), at(max(1, n) + 1)
+        slope = max(0.0, nxt - now) if now is not None and nxt is not None else 0.0
+        live = self.decider.itl_of(b.id) if n else None
+        return (live if live is not None else now), slope
+
+    def _left(self, st: MigratingStream) -> int:
+        """Tokens the stream still owes: its limit, else what the context leaves."""
+        rem = st.splice.remaining()
+        if rem is not None:
+            return rem
+        return max(0, self.max_model_len - st.splice.prompt_tokens - st.splice.tokens)
+
+    def move_s(self) -> float:
+        """A move's pause to its stream: the median KV leg of the last moves, else a
+        one-token request's time from calibration (its fixed cost and one step)."""
+        legs = [m["leg_ms"] / 1000 for m in self.migrator.flow_recent[-RECENT_MOVES:]
+                if m.get("ok") and m.get("leg_ms")]
+        if legs:
+            return statistics.median(legs)
+        cals = [c for c in (self.calibration_of(r) for r in self.serving_roles()) if c]
+        if cals:
+            return max(c.overhead_s + (c.step_at(1) or 0.0) for c in cals)
+        return self.itl_s
+
+    def move(self, frm: str, to: str, why: str) -> bool:
+        """Move the youngest movable stream of `frm` to `to` (it has the most to go)."""
+        target = self.registry.get(to)
+        streams = self.migrator.movable(frm)
+        if target is None or not streams:
+            return False
+        return streams[-1].move(target, why)
+
