@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from pdbox.bench import decider as decider_mod
 from pdbox.bench import interference as interference_mod
 from pdbox.bench import phases as phases_mod
 from pdbox.bench import speeds as speeds_mod
@@ -330,6 +331,53 @@ def speeds(ctx: click.Context, profile: str | None, against: tuple[str, ...], au
                 s["label"], {**s["result"], "calibration": s["pdbox"].get("calibration")})]
             finish(ctx, "speeds", workload.config(), mats, results, rows, workload.columns,
                    json_dest, plot_file)
+
+
+@bench.command(name="decider")
+@setup_options()
+@click.option("--lengths", default="900,2000", show_default=True,
+              help="Comma-separated prompt lengths in tokens (unique token ids).")
+@click.option("--per-worker", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Streams running for each worker while a long prompt comes.")
+@click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Prompts per length and path alone, and rounds under streams.")
+@click.option("--stream-tokens", type=click.IntRange(min=16), default=600, show_default=True)
+@click.pass_context
+def decider(ctx: click.Context, profile: str | None, against: tuple[str, ...], autoscale: bool,
+            start_timeout_s: float, json_dest: str | None, plot_file: str | None,
+            lengths: str, per_worker: int, repeats: int, stream_tokens: int) -> None:
+    """The P/D decider under streams, against each long prompt sent alone.
+
+    \b
+    Per length: the prompt alone, forced local and forced remote (x-pdbox-pd);
+    then, with --per-worker streams on each worker, on the router's own
+    choice. Goals (in --json): the streams' worst gap while it is prefilled
+    ≤ 2× the profile's ITL target, and its TTFT ≤ 1.3× the better path alone.
+    A P/D profile is needed (default cpu-tiny as shipped), e.g.
+      pdbox bench decider --against 'fixed-pd:cpu-tiny,router.hybrid=false'
+    """
+    try:
+        sizes = tuple(int(x) for x in lengths.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter("give whole numbers of tokens, e.g. 900,2000",
+                                 param_hint="'--lengths'") from None
+    if not sizes or min(sizes) < 16:
+        raise click.BadParameter("each length must be at least 16 tokens",
+                                 param_hint="'--lengths'")
+    params = decider_mod.Params(sizes, per_worker, repeats, stream_tokens)
+    with user_errors():
+        setups = parse_setups(profile, against, {}, ["cpu-tiny"])
+        check_outputs(plot_file)
+        with workspace(setups, autoscale) as (work, mats):
+            not_pd = [m.setup.label for m in mats if not m.profile.is_pd]
+            if not_pd:
+                raise click.UsageError(f"{', '.join(not_pd)}: the decider needs a P/D "
+                                       "profile (a prefill and a decode role)")
+            workload = decider_mod.DeciderWorkload(params)
+            results = run_setups(mats, work, workload, start_timeout_s, Progress())
+            rows = [r for s in results for r in workload.rows(s["label"], s["result"])]
+            finish(ctx, "decider", workload.config(), mats, results, rows, workload.columns,
+                   json_dest, plot_file, {"goals": decider_mod.goals(results)})
 
 
 for _cmd in (startup, router, burst, prefix_live_cmd, pd_legs_cmd, tui_load_cmd, autoscale,
