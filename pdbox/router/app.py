@@ -102,7 +102,8 @@ class Router:
         # has no prefill work, and the whole box while no decode worker is ready.
         self.soft = SoftRoles(SoftSettings(
             enabled=profile.is_pd and r.soft_roles, gate_tokens=r.pd_min_uncached_tokens,
-            hold_s=r.soft_roles_hold_s, max_streams=self._per_worker_cap(), hybrid=r.hybrid))
+            hold_s=r.soft_roles_hold_s, max_streams=self._per_worker_cap(), hybrid=r.hybrid),
+            transfer_s=self.decider.transfer_s)
         self.role_mix = RoleMix()
         self.prompts = PromptStage(tokenizer, profile.model.block_size, self.max_model_len)
         self.block_size = self.prompts.block_size

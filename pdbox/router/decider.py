@@ -276,6 +276,10 @@ class PDDecider:
         if seconds > 0:
             self._itl.setdefault(worker_id, _Ewma(self.alpha)).add(seconds)
 
+    def transfer_s(self) -> float:
+        """A KV transfer's time as measured (the prior until one was)."""
+        return self._transfer.get(self._prior_transfer_s)
+
     def itl_of(self, worker_id: str) -> float | None:
         """The worker's measured time between tokens (None: not measured yet)."""
         e = self._itl.get(worker_id)

@@ -35,7 +35,7 @@ Pure code: the clock and every observation come in as arguments.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,9 +54,13 @@ class Load(Protocol):
 
 
 # Remote prefill on an idle prefill worker is taken when it costs the request at
-# most this share of its local TTFT, or this many seconds (the transfer, about).
+# most this share of its local TTFT, or the KV transfer's measured time (the
+# decider's estimate): a share of the request's own time and a measured cost,
+# so it holds on any machine.
 REMOTE_SLACK = 0.25
-REMOTE_SLACK_S = 0.5
+# The transfer before any was measured: about what a ~600-token prompt's KV took
+# on two CPU cores (docs/PD.md); the first remote request replaces it.
+PRIOR_TRANSFER_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,11 @@ def streams(w: Load) -> int:
 
 
 class SoftRoles:
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None,
+                 transfer_s: Callable[[], float] | None = None) -> None:
         self.settings = settings or Settings()
+        # The KV transfer's measured time (the decider's), for the slack of remote.
+        self.transfer_s = transfer_s or (lambda: PRIOR_TRANSFER_S)
         self._legs: dict[str, int] = {}  # prefill legs open per worker
         self._last_leg: dict[str, float] = {}  # when a worker's last prefill leg ended
         # Whole requests open on each prefill worker: its own decode streams.
@@ -196,7 +203,7 @@ class SoftRoles:
         if dec.remote:
             return self.weigh_remote(dec, prefill, decode, prefill_s)
         extra = dec.predicted_remote_s - dec.predicted_local_s
-        slack = max(REMOTE_SLACK_S, REMOTE_SLACK * dec.predicted_local_s)
+        slack = max(self.transfer_s(), REMOTE_SLACK * dec.predicted_local_s)
         idle = (streams(prefill) if prefill.role != "prefill"
                 else self.whole_streams(prefill.id)) == 0
         if (prefill.ready and idle and not self._legs.get(prefill.id) and extra <= slack):
@@ -229,7 +236,7 @@ class SoftRoles:
             return dec
         on_d = streams(decode)
         local_stall = on_d * dec.predicted_local_s
-        slack = max(REMOTE_SLACK_S, REMOTE_SLACK * dec.predicted_local_s)
+        slack = max(self.transfer_s(), REMOTE_SLACK * dec.predicted_local_s)
         extra = dec.predicted_remote_s - dec.predicted_local_s
         remote_cost = on_p * prefill_s + max(0.0, extra - slack)
         if remote_cost <= local_stall:
