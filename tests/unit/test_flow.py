@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
 from pdbox.devtools.mock_openai import MockConfig
 from pdbox.router.flow import Balancer, Load, pays, plan
 from tests.helpers import sse_events
@@ -107,5 +111,41 @@ def test_a_stream_moves_by_kv_and_arrives_whole() -> None:
         assert snap["kv"] == 1 and snap["recent"][0]["from"] == home
         await until(lambda: "flow-1" not in box.router.migrator.live)
         assert 'pdbox_stream_flows_total{how="kv"} 1' in await box.metrics()
+
+    run(check, SLOW, pd_profile())
+
+
+def test_the_live_view_reads_streams_steps_and_what_is_left() -> None:
+    """FlowView on a real router: counts, the live ITL, tokens left, a move's cost."""
+    from pdbox.calibration import Calibration
+
+    async def check(box: Box) -> None:
+        view = box.router.flow_view
+        # Before any calibration or move: a move costs one ITL target.
+        assert view.move_s() == box.router.profile.slo.itl_s
+        responses = []
+        for i in range(3):
+            r = await box.post("/v1/chat/completions", chat(f"s{i}", stream=True, max_tokens=N),
+                               headers={"X-Request-Id": f"view-{i}"}).__aenter__()
+            responses.append(r)
+            await r.content.readany()
+        await until(lambda: sum(x.movable for x in view.loads()) == 3)
+        await asyncio.sleep(0.2)
+        loads = {x.id: x for x in view.loads()}
+        assert sum(x.streams for x in loads.values()) == 3
+        busy = [x for x in loads.values() if x.streams]
+        assert all(x.step_s is not None and 0.01 < x.step_s < 0.2 for x in busy)
+        assert all(0 < x.left < N for x in busy)
+        cal = Calibration(prefill_tps=1000.0, overhead_s=0.05, decode_step_s={1: 0.06, 4: 0.09})
+        box.router.seed_calibration("decode", cal)
+        box.router.seed_calibration("prefill", cal)
+        assert view.move_s() == pytest.approx(0.11)
+        idle = [x for x in view.loads() if not x.streams]
+        assert all(x.step_s == 0.06 and x.slope_s == pytest.approx(0.01) for x in idle)
+        assert all(x.block_s == pytest.approx(box.router.profile.model.block_size / 1000.0)
+                   for x in view.loads())
+        for r in responses:
+            await r.read()
+            r.release()
 
     run(check, SLOW, pd_profile())
