@@ -161,6 +161,16 @@ def test_repl_keeps_history_and_commands(server: tuple[FakeOpenAI, str], tmp_pat
     assert json.loads(saved.read_text())["turns"][1]["content"] == "Paris is the capital."
 
 
+@pytest.fixture
+def terminal_sigint() -> Iterator[None]:
+    """Python's own Ctrl-C handler, as in a terminal: a suite started in the
+    background by a non-interactive shell inherits SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("terminal_sigint")
 def test_repl_ctrl_c_cancels_the_answer_not_the_repl(server: tuple[FakeOpenAI, str]) -> None:
     fake, url = server
     fake.reply = " ".join(["word"] * 50)
