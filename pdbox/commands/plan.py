@@ -24,15 +24,20 @@ from pdbox.plan.memory import GIB, gib
 @click.option("--gpu-memory-gib", type=click.FloatRange(min=1, max=4096), default=None,
               help="The GPU's memory, when planning for a card that is not here "
                    "(default: NVML, else the card the profile names).")
+@click.option("--mix", "mix_text", metavar="RATE:PROMPT:OUTPUT",
+              help="Also show the prefill/decode split this steady mix asks for (SM shares "
+                   "on a GPU, cores on a CPU): requests per second, prompt tokens and answer "
+                   "tokens, e.g. 4:2000:200. A P/D profile only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(profile_name: str | None, model: str | None, gpu_memory_gib: float | None,
-         as_json: bool) -> None:
+         mix_text: str | None, as_json: bool) -> None:
     """Show each worker's slice, vLLM argv and env, and its memory ledger.
 
     Exits 1, with one sentence, when the profile cannot fit; `pdbox up`
     refuses the same way. With no config.json of a built-in GPU profile's
     model at hand (no Hugging Face cache, no network), the plan uses the facts
-    pdbox ships for it, and says so.
+    pdbox ships for it, and says so. --mix adds the split a steady request mix
+    asks for, from the same needs the re-split loop weighs (docs/PD.md).
     """
     from pdbox.commands.up import choose_profile
     from pdbox.plan.make import make_plan
@@ -42,6 +47,15 @@ def plan(profile_name: str | None, model: str | None, gpu_memory_gib: float | No
     except config.ProfileError as exc:
         click.echo(f"pdbox: {exc}", err=True)
         sys.exit(2)
+    split = None
+    if mix_text:
+        from pdbox.plan.mix import MixError, parse_mix, split_for_mix
+
+        try:
+            split = split_for_mix(profile, parse_mix(mix_text))
+        except MixError as exc:
+            click.echo(f"pdbox: {exc}", err=True)
+            sys.exit(2)
     total = int(gpu_memory_gib * GIB) if gpu_memory_gib else None
     try:
         result = make_plan(profile, model=model, gpu_total_bytes=total)
@@ -49,9 +63,14 @@ def plan(profile_name: str | None, model: str | None, gpu_memory_gib: float | No
         click.echo(f"pdbox: {exc}", err=True)
         sys.exit(1)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        out = result.to_dict()
+        if split is not None:
+            out["mix"] = split.to_dict()
+        click.echo(json.dumps(out, indent=2))
     else:
         click.echo(render(result))
+        if split is not None:
+            click.echo("\n" + "\n".join(split.lines()))
     refusal = result.refusal()
     if refusal:
         click.echo(f"pdbox: {refusal}", err=True)
