@@ -16,7 +16,7 @@ from pdbox.router.decider import PDDecider
 from pdbox.router.flow import Load
 from pdbox.router.migration import MigratingStream, Migrator
 
-# Moves measured before the cost of a move is taken from them alone.
+# How many of the last moves set a move's cost (the median of their KV legs).
 RECENT_MOVES = 5
 
 
