@@ -18,6 +18,10 @@ from pdbox.router.migration import MigratingStream, Migrator
 
 # How many of the last moves set a move's cost (the median of their KV legs).
 RECENT_MOVES = 5
+# A worker one of whose streams has waited this many ITL targets for its next token
+# takes no part in a move, as source or as destination: it may be frozen before its
+# probes say so, and a KV leg to it, or a pull from it, would hang the moved stream.
+QUIET_ITL = 4.0
 
 
 class FlowView:
@@ -36,7 +40,11 @@ class FlowView:
 
     def loads(self) -> list[Load]:
         out = []
+        quiet_s = QUIET_ITL * self.itl_s
         for b in self.registry.of_roles(self.serving_roles()):
+            if any(st.worker.id == b.id and st.silent_s() > quiet_s
+                   for st in list(self.migrator.live.values())):
+                continue
             n = max(b.running, b.inflight)
             streams = self.migrator.movable(b.id)
             cal = self.calibration_of(b.role)

@@ -261,6 +261,11 @@ class MigratingStream:
                 and self._flow_to is None and self.splice.started
                 and not self.splice.finished and self.splice.why_not() is None)
 
+    def silent_s(self) -> float:
+        """How long the stream has waited on its worker for its next bytes (0 when not)."""
+        since = self._read_since
+        return 0.0 if since is None else max(0.0, self._loop.time() - since)
+
     def move(self, target: Backend, why: str) -> bool:
         """Take this stream to `target`, its KV pulled from the current worker."""
         if not self.movable or target.id == self.worker.id or not target.routable:
