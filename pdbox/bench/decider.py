@@ -139,18 +139,26 @@ class DeciderWorkload:
     def rows(self, label: str, result: dict[str, Any]) -> list[Row]:
         rows = []
         for n, row in (result.get("lengths") or {}).items():
-            local = statistics.median(row["alone_local_s"])
-            remote = statistics.median(row["alone_remote_s"])
-            rounds = row["under_streams"]
-            ttft = statistics.median(r["ttft_s"] for r in rounds)
-            gaps = [r["worst_gap_s"] for r in rounds if r["worst_gap_s"] is not None]
+            f = _summary(row)
             rows.append(Row(f"{n} tokens", label, {
-                "ttft_local_s": local, "ttft_remote_s": remote, "ttft_streams_s": ttft,
-                "ttft_ratio": ttft / min(local, remote),
-                "worst_gap_s": max(gaps, default=None),
+                "ttft_local_s": f["local"], "ttft_remote_s": f["remote"],
+                "ttft_streams_s": f["ttft"], "ttft_ratio": f["ttft"] / f["best"],
+                "worst_gap_s": f["gap"],
                 "paths": " ".join(f"{r['path']}:{r['prefill'] or '-'}>{r['decode']}"
-                                  for r in rounds)}))
+                                  for r in row["under_streams"])}))
         return rows
+
+
+def _summary(row: dict[str, Any]) -> dict[str, Any]:
+    """One length's figures: TTFT p50 alone on each path and the better of them, TTFT p50
+    under streams, and the worst stream gap of any round (None: no gap measured)."""
+    local = statistics.median(row["alone_local_s"])
+    remote = statistics.median(row["alone_remote_s"])
+    rounds = row["under_streams"]
+    gaps = [r["worst_gap_s"] for r in rounds if r["worst_gap_s"] is not None]
+    return {"local": local, "remote": remote, "best": min(local, remote),
+            "ttft": statistics.median(r["ttft_s"] for r in rounds),
+            "gap": max(gaps, default=None)}
 
 
 def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -159,11 +167,8 @@ def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for s in results:
         itl = s["result"].get("itl_target_s") or 0.0
         for n, row in (s["result"].get("lengths") or {}).items():
-            best = min(statistics.median(row["alone_local_s"]),
-                       statistics.median(row["alone_remote_s"]))
-            rounds = row["under_streams"]
-            ttft = statistics.median(r["ttft_s"] for r in rounds)
-            gap = max((r["worst_gap_s"] or 0.0 for r in rounds), default=0.0)
+            f = _summary(row)
+            gap, ttft, best = f["gap"] or 0.0, f["ttft"], f["best"]
             out.append({"setup": s["label"], "tokens": int(n),
                         "worst_gap_s": round(gap, 3), "gap_goal_s": GAP_GOAL_ITL * itl,
                         "gap_met": gap <= GAP_GOAL_ITL * itl,

@@ -57,6 +57,11 @@ class PDDecision:
     predicted_remote_s: float | None = None
 
 
+# A KV transfer's time before one was measured: about what a ~600-token prompt's
+# KV took on two CPU cores (docs/PD.md); the first remote request replaces it.
+PRIOR_TRANSFER_S = 0.1
+
+
 class _Ewma:
     __slots__ = ("alpha", "value")
 
@@ -149,7 +154,7 @@ class PDDecider:
         ttft_slo_s: float = 3.0,
         itl_slo_s: float = 0.25,
         prior_prefill_tps: float = 1000.0,
-        prior_transfer_s: float = 0.1,
+        prior_transfer_s: float = PRIOR_TRANSFER_S,
         prior_itl_s: float = 0.05,
         alpha: float = 0.3,
     ):

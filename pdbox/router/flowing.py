@@ -41,9 +41,10 @@ class FlowView:
     def loads(self) -> list[Load]:
         out = []
         quiet_s = QUIET_ITL * self.itl_s
+        silent = {st.worker.id for st in list(self.migrator.live.values())
+                  if st.silent_s() > quiet_s}
         for b in self.registry.of_roles(self.serving_roles()):
-            if any(st.worker.id == b.id and st.silent_s() > quiet_s
-                   for st in list(self.migrator.live.values())):
+            if b.id in silent:
                 continue
             n = max(b.running, b.inflight)
             streams = self.migrator.movable(b.id)

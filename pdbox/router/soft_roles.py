@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from pdbox.router.decider import PDDecision
+from pdbox.router.decider import PRIOR_TRANSFER_S, PDDecision
 from pdbox.router.policy import Pick
 
 
@@ -58,9 +58,6 @@ class Load(Protocol):
 # decider's estimate): a share of the request's own time and a measured cost,
 # so it holds on any machine.
 REMOTE_SLACK = 0.25
-# The transfer before any was measured: about what a ~600-token prompt's KV took
-# on two CPU cores (docs/PD.md); the first remote request replaces it.
-PRIOR_TRANSFER_S = 0.1
 
 
 @dataclass(frozen=True)
