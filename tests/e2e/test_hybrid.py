@@ -204,14 +204,16 @@ def test_a_running_stream_moves_by_kv(soft):
         return sum_series(text, "vllm:prompt_tokens_by_source_total", source=src)
 
     prompt = "Continue this text for a long time: " + unique_text(450)
-    body = _chat(prompt, 120) | {"ignore_eos": True,
+    # return_token_ids: each event carries the ids of the tokens it holds, so the
+    # test counts what reached it independently of the router's usage figure.
+    body = _chat(prompt, 120) | {"ignore_eos": True, "return_token_ids": True,
                                  "stream_options": {"include_usage": True}}
     rid = "kv-move-1"
     req = urllib.request.Request(f"{soft.endpoint}/chat/completions",
                                  data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json",
                                           "X-Request-Id": rid})
-    text, n_events, usage, seam = "", 0, None, 0
+    text, n_events, usage, seam, ids = "", 0, None, 0, 0
     with urllib.request.urlopen(req, timeout=300) as r:
         home = r.headers["x-pdbox-decode-worker"]
         other = "prefill-0" if home == "decode-0" else "decode-0"
@@ -226,6 +228,7 @@ def test_a_running_stream_moves_by_kv(soft):
             usage = ev.get("usage") or usage
             ch = ev["choices"]
             piece = ch[0].get("delta", {}).get("content") if ch else None
+            ids += len(ch[0].get("token_ids") or []) if ch else 0
             if piece:
                 text += piece
                 n_events += 1
@@ -251,13 +254,14 @@ def test_a_running_stream_moves_by_kv(soft):
     assert moved and flows["kv"] >= 1, flows
     assert pulled > 0 and pulled + cached >= 450, (before, after)
     assert computed <= block, (before, after)
-    # Whole: every token asked for, counted once in the usage that covers both
-    # workers' parts; in order with nothing repeated at the seam. (Not equal to an
-    # unmoved answer: greedy bf16 decoding differs with the batch it runs in.)
+    # Whole and once: the client got exactly the tokens asked for, counted by the ids
+    # the events carried (a token relayed twice at the seam, or one lost, changes
+    # that count), and the usage covering both workers' parts agrees. The text is
+    # not compared: a tiny model often loops, so a repeated phrase proves nothing,
+    # and greedy bf16 decoding differs with the batch it runs in.
     assert usage is not None and usage["completion_tokens"] == 120, usage
-    after_seam = text[seam:seam + 24]
-    assert after_seam and after_seam not in text[:seam], (text[:seam][-80:], after_seam)
-    print(f"seam: ...{text[max(0, seam - 40):seam]!r} | {after_seam!r}...")
+    assert ids == 120, (ids, n_events)
+    print(f"seam: ...{text[max(0, seam - 40):seam]!r} | {text[seam:seam + 24]!r}...")
 
 
 def test_forced_resplit_answers_every_request(soft):
