@@ -221,7 +221,8 @@ class Fleet:
 
         try:
             cal = await Calibrator(session, self.profile.model.served_name,
-                                   self.profile.model.max_model_len).run(spec.url)
+                                   self.profile.model.max_model_len,
+                                   step_tokens=spec.max_num_batched_tokens).run(spec.url)
         except CalibrationError as exc:
             self.event("worker", f"{spec.id}: calibration failed ({exc}); keeping the priors")
             return
@@ -344,7 +345,8 @@ class Fleet:
 
     def _on_worker_state(self, w: Worker) -> None:
         before = b.state if (b := self.registry.get(w.id)) is not None else None
-        self.registry.upsert(w.id, w.role, w.spec.url, w.state)
+        self.registry.upsert(w.id, w.role, w.spec.url, w.state,
+                             max_num_seqs=w.spec.max_num_seqs)
         # An unresponsive worker is not routed to, but its cache is intact if it
         # answers again: what we believed it held is forgotten only once it is
         # restarted, drained or gone.

@@ -5,9 +5,11 @@ admission.py; this stage sizes it from the workers and answers the client.
 
 How many requests a worker takes at once is what the worker reports: vLLM
 runs up to its `max_num_seqs` and queues the rest, and its /metrics say how
-many run and how many wait. A worker seen with a waiting queue was full at
-its running count (`Backend.max_running`); one never seen full is assumed to
-take `UNREPORTED_SLOTS`, vLLM's default max_num_seqs on a GPU: guessing high
+many run and how many wait. A worker seen with a waiting queue while at its
+max_num_seqs or with its KV cache full was full at its running count
+(`backends.learn_limit`, `Backend.max_running`); otherwise it takes the
+max_num_seqs it was started with, or, where that is not known,
+`UNREPORTED_SLOTS`, vLLM's default max_num_seqs on a GPU: guessing high
 corrects itself (the worker queues, reports it, and the guess becomes its
 running count), guessing low never would (it would never fill). This is
 `router.max_inflight_per_worker = 0`, the default; a profile's number above 0
@@ -46,7 +48,7 @@ UNREPORTED_SLOTS = 256  # vLLM's default max_num_seqs on a GPU (128 on a CPU)
 
 def worker_slots(b: Backend) -> int:
     """Requests a worker takes at once, as it reported (see the module)."""
-    return b.max_running or UNREPORTED_SLOTS
+    return b.max_running or b.max_num_seqs or UNREPORTED_SLOTS
 
 
 class AdmitStage:

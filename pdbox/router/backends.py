@@ -38,8 +38,11 @@ class Backend:
     routed: int = 0
     kv_events_endpoint: str | None = None
     num_blocks: int = 0  # the worker's KV cache size in blocks, from vllm:cache_config_info
-    # What the worker reported it runs at most: its running count at the last scrape
-    # that also showed a waiting queue (its max_num_seqs, or its KV cache, was full).
+    # The --max-num-seqs the worker was started with (0: not known).
+    max_num_seqs: int = 0
+    # What the worker was seen to run at most: its running count at a scrape that
+    # showed a waiting queue while its max_num_seqs or its KV cache was full
+    # (`learn_limit`); 0 while no such limit is known.
     max_running: int = 0
     engine: EngineWindow = field(default_factory=EngineWindow)  # vLLM's histograms, per scrape
 
@@ -79,14 +82,17 @@ class Registry:
     def __init__(self) -> None:
         self.backends: dict[str, Backend] = {}
 
-    def upsert(self, id: str, role: str, url: str, state: str, kv_events: str | None = None) -> Backend:
+    def upsert(self, id: str, role: str, url: str, state: str, kv_events: str | None = None,
+               max_num_seqs: int = 0) -> Backend:
         b = self.backends.get(id)
         if b is None or b.url != url:
-            b = Backend(id=id, role=role, url=url, state=state, kv_events_endpoint=kv_events)
+            b = Backend(id=id, role=role, url=url, state=state, kv_events_endpoint=kv_events,
+                        max_num_seqs=max_num_seqs)
             self.backends[id] = b
         else:
             b.state = state
             b.kv_events_endpoint = kv_events
+            b.max_num_seqs = max_num_seqs or b.max_num_seqs
         return b
 
     def remove(self, id: str) -> None:
@@ -127,11 +133,38 @@ async def scrape_once(session: aiohttp.ClientSession, b: Backend, timeout: float
     b.waiting = int(m.get("vllm:num_requests_waiting", 0))
     b.running = int(m.get("vllm:num_requests_running", 0))
     b.kv_usage = float(m.get("vllm:kv_cache_usage_perc", 0.0))
-    if b.waiting > 0 and b.running > 0:
-        b.max_running = b.running
+    learn_limit(b)
     b.scraped_at = time.monotonic()
     b.engine.update(b.scraped_at, scrape.histograms)
     b.scrape_errors = 0
+
+
+# A KV cache this full leaves no room for another request's blocks: a queue seen
+# then is the cache's limit. (vLLM preempts or queues at 100 %; a little below it
+# a request's prompt blocks no longer fit.)
+KV_FULL = 0.9
+
+
+def learn_limit(b: Backend) -> None:
+    """What the worker runs at most, from its last scrape.
+
+    A waiting queue alone says little: with chunked prefill a request also waits
+    while another's prompt chunk takes the step's whole token budget, and then
+    the running count is far below what the worker can run. Taking that count as
+    the limit would shrink admission to it, and a worker sent no more than it runs
+    never shows a queue again to correct it. So a queue teaches a limit only
+    when the worker ran its max_num_seqs or its KV cache was full; and a learnt
+    limit is forgotten once the worker runs that many with no queue and room in
+    its cache (it was a passing state, such as a few long prompts).
+    """
+    if b.running <= 0:
+        return
+    full = (b.max_num_seqs and b.running >= b.max_num_seqs) or b.kv_usage >= KV_FULL
+    if b.waiting > 0 and full:
+        b.max_running = b.running
+    elif b.max_running and b.waiting == 0 and b.running >= b.max_running \
+            and b.kv_usage < KV_FULL:
+        b.max_running = 0
 
 
 async def scrape_loop(

@@ -6,7 +6,13 @@ marked ready, so nothing else shares its slice:
 1. prefill at two prompt lengths, one output token each. The short prompt
    sizes the long one to take about `target_s` on this machine (a CPU
    without native bf16 prefills 5-6x slower than one with it), so the
-   whole calibration stays within a few seconds everywhere;
+   whole calibration stays within a few seconds everywhere. Neither is
+   longer than the worker's step budget (`step_tokens`): each is one engine
+   step, so the points are what a step of about the budget's size costs
+   here, which is what the next budget is sized from. (A prompt over the
+   budget runs in several steps, each with its ~50 ms fixed cost on a CPU:
+   timed that way, a small budget measured a low speed, which made the next
+   budget smaller still, start after start.);
 2. the decode step: one stream alone, then `streams` together.
 
 Prompts are random token ids, so no prefix-cache hit shortens them and no
@@ -44,10 +50,13 @@ class Calibrator:
     def __init__(self, session: aiohttp.ClientSession, served_name: str,
                  max_model_len: int = 4096, target_s: float = 0.5,
                  clock: Callable[[], float] = time.perf_counter,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, step_tokens: int = 0) -> None:
         self.session = session
         self.served_name = served_name
         self.max_model_len = max_model_len
+        # The worker's max_num_batched_tokens (0: vLLM's default, over MAX_LONG_TOKENS).
+        self.longest = min(MAX_LONG_TOKENS, max_model_len // 2,
+                           step_tokens if step_tokens > 0 else MAX_LONG_TOKENS)
         self.target_s = target_s
         self.clock = clock
         self.rng = rng or random.Random()
@@ -62,16 +71,14 @@ class Calibrator:
         # The short prompt's time includes the fixed cost, so this speed is low
         # and the long prompt comes out shorter than the target, never longer.
         rough_tps = SHORT_TOKENS / max(short, 1e-3)
-        long_n = int(min(MAX_LONG_TOKENS, self.max_model_len // 2,
-                         max(MIN_LONG_TOKENS, rough_tps * self.target_s)))
+        long_n = int(min(self.longest, max(MIN_LONG_TOKENS, rough_tps * self.target_s)))
         long = await self._prefill(url, long_n)
         points = [(SHORT_TOKENS, short), (long_n, long)]
         tps, overhead = fit_prefill(points)
-        if long - short < MIN_SPREAD_S and long_n < MAX_LONG_TOKENS:
+        if long - short < MIN_SPREAD_S and long_n < self.longest:
             # A fast machine: the two times differ by little more than noise.
             # A prompt sized from the fitted speed separates them.
-            long_n = int(min(MAX_LONG_TOKENS, self.max_model_len // 2,
-                             max(long_n * 2, tps * self.target_s)))
+            long_n = int(min(self.longest, max(long_n * 2, tps * self.target_s)))
             points[1] = (long_n, await self._prefill(url, long_n))
             tps, overhead = fit_prefill(points)
         steps = {1: decode_step(await self._stream(url))}

@@ -54,6 +54,25 @@ class WorkerSpec:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.ports.http}"
 
+    def _flag(self, name: str) -> int:
+        """An integer flag's value in argv (the last one given wins, as in vLLM's
+        parser); 0 when it is left to vLLM's default."""
+        found = 0
+        for i, a in enumerate(self.argv):
+            v = a.split("=", 1)[1] if a.startswith(name + "=") else \
+                self.argv[i + 1] if a == name and i + 1 < len(self.argv) else None
+            if v is not None and v.isdigit():
+                found = int(v)
+        return found
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self._flag("--max-num-seqs")
+
+    @property
+    def max_num_batched_tokens(self) -> int:
+        return self._flag("--max-num-batched-tokens")
+
     @property
     def slice(self) -> str:
         if self.cores:

@@ -88,9 +88,13 @@ def test_admission_takes_a_seeded_hold_only_before_any_request() -> None:
     assert a.hold_estimate_s() == 3.5
 
 
-def test_the_calibrator_against_a_timed_server() -> None:
-    """A real HTTP server whose prefill costs 1 ms per prompt token plus 20 ms,
-    and whose stream steps take 10 ms alone and 20 ms beside others."""
+def _timed_server_calibration(step_tokens: int = 0, per_step_s: float = 0.0,
+                              seen: list[int] | None = None) -> Calibration:
+    """Calibrate against a real HTTP server whose prefill costs 1 ms per prompt token
+    plus 20 ms, plus `per_step_s` for each engine step of `step_tokens` (0: one
+    step), and whose stream steps take 10 ms alone and 20 ms beside others."""
+    import math
+
     from pdbox.workers.calibrate import Calibrator
 
     running = 0
@@ -100,7 +104,11 @@ def test_the_calibrator_against_a_timed_server() -> None:
         body = await request.json()
         assert isinstance(body["prompt"], list) and all(1000 <= t < 10000 for t in body["prompt"])
         if not body.get("stream"):
-            await asyncio.sleep(0.02 + 0.001 * len(body["prompt"]))
+            n = len(body["prompt"])
+            if seen is not None:
+                seen.append(n)
+            steps = math.ceil(n / step_tokens) if step_tokens else 1
+            await asyncio.sleep(0.02 + 0.001 * n + per_step_s * steps)
             return web.json_response({"choices": [{"text": "x"}]})
         resp = web.StreamResponse()
         await resp.prepare(request)
@@ -124,16 +132,31 @@ def test_the_calibrator_against_a_timed_server() -> None:
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         try:
             async with aiohttp.ClientSession() as s:
-                return await Calibrator(s, "m", 4096, target_s=0.3).run(f"http://127.0.0.1:{port}")
+                return await Calibrator(s, "m", 4096, target_s=0.3,
+                                        step_tokens=step_tokens).run(f"http://127.0.0.1:{port}")
         finally:
             await runner.cleanup()
 
-    c = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_the_calibrator_against_a_timed_server() -> None:
+    c = _timed_server_calibration()
     assert c.prefill_tps == pytest.approx(1000, rel=0.3)
     assert c.prefill_points[1][0] > 64  # sized up from the short prompt's speed
     assert c.decode_step_s[1] == pytest.approx(0.01, abs=0.006)
     assert c.decode_step_s[4] == pytest.approx(0.02, abs=0.008)
     assert c.took_s < 5
+
+
+def test_every_prefill_probe_fits_in_one_step_of_the_workers_budget() -> None:
+    """A worker with a 128-token budget and 40 ms per step: a 300-token probe would
+    run in three steps and measure 2 ms a token; within one step the line is the
+    server's 1 ms a token, so the next budget does not shrink from its own cost."""
+    seen: list[int] = []
+    c = _timed_server_calibration(step_tokens=128, per_step_s=0.04, seen=seen)
+    assert max(seen) <= 128 and c.prefill_points[1][0] <= 128, seen
+    assert c.prefill_tps == pytest.approx(1000, rel=0.3)
 
 
 def test_the_router_seeds_its_learners_from_a_calibration() -> None:

@@ -74,7 +74,7 @@ def test_soft_roles_off_is_a_fixed_split() -> None:
         assert box.mocks["prefill-0"].stats.requests == 0
         assert box.router.admission.max_inflight == box.router.profile.router.max_inflight_per_worker
 
-    run(check, SLOW, pd_profile(soft_roles=False))
+    run(check, SLOW, pd_profile(soft_roles=False, max_inflight_per_worker=8))
 
 
 def test_admission_counts_the_prefill_workers_slots() -> None:
@@ -82,7 +82,7 @@ def test_admission_counts_the_prefill_workers_slots() -> None:
         per = box.router.profile.router.max_inflight_per_worker
         assert box.router.admission.max_inflight == 2 * per
 
-    run(check, PD, pd_profile())
+    run(check, PD, pd_profile(max_inflight_per_worker=8))
 
 
 def test_with_no_decode_worker_ready_the_prefill_worker_serves_everything() -> None:

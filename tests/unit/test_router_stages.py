@@ -241,6 +241,9 @@ def test_a_scrape_that_shows_a_queue_teaches_the_workers_limit() -> None:
                 b = Registry().upsert("aggregated-0", "aggregated", m.url, "ready")
                 await scrape_once(s, b)
                 assert b.max_running == 0 and worker_slots(b) == UNREPORTED_SLOTS
+                b = Registry().upsert("aggregated-0", "aggregated", m.url, "ready",
+                                      max_num_seqs=1)  # as the fleet knows it
+                assert worker_slots(b) == 1
                 held = [asyncio.create_task(s.post(f"{m.url}/v1/completions",
                                                    json={"model": "smollm2", "prompt": "x"}))
                         for _ in range(2)]
@@ -352,3 +355,29 @@ def test_a_non_streamed_ttft_the_subtraction_loses_comes_from_the_engine() -> No
     rec.answer(w, body, _time.monotonic() - 3.0)  # 47 x 0.07 = 3.29 s > 3.0 s
     assert m.ttft.percentile(0.5) == pytest.approx(0.09)
     assert m.ttft_source.get(source="engine-window") == 1
+
+
+def _seen(b, running: int, waiting: int, kv: float) -> int:
+    from pdbox.router.backends import learn_limit
+
+    b.running, b.waiting, b.kv_usage = running, waiting, kv
+    learn_limit(b)
+    return b.max_running
+
+
+def test_a_queue_behind_a_prompt_chunk_teaches_no_limit() -> None:
+    """With chunked prefill a request waits while another's chunk fills the step's
+    token budget: 1 running, 1 waiting, cache nearly empty. Taking 1 as the
+    worker's limit would hold admission at one request for good."""
+    b = Registry().upsert("hybrid-0", "decode", "http://w", "ready", max_num_seqs=128)
+    assert _seen(b, 1, 1, 0.02) == 0 and worker_slots(b) == 128
+    assert _seen(b, 128, 3, 0.3) == 128  # at its max_num_seqs: a real limit
+    b2 = Registry().upsert("hybrid-1", "decode", "http://w", "ready")  # max_num_seqs unknown
+    assert _seen(b2, 2, 1, 0.1) == 0 and worker_slots(b2) == UNREPORTED_SLOTS
+
+
+def test_a_full_kv_cache_teaches_a_limit_that_is_dropped_once_room_returns() -> None:
+    b = Registry().upsert("decode-0", "decode", "http://w", "ready", max_num_seqs=128)
+    assert _seen(b, 12, 4, 0.97) == 12 and worker_slots(b) == 12  # long prompts fill it
+    assert _seen(b, 10, 0, 0.5) == 12  # below the limit: nothing new learnt
+    assert _seen(b, 12, 0, 0.4) == 0 and worker_slots(b) == 128  # at it, no queue, room
