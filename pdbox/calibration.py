@@ -137,6 +137,14 @@ STEP_QUANTUM = 16
 # chunk, so that it prefills in fewer steps while its streams stay within twice
 # the target. Shares of the target, not seconds: they hold on any machine.
 CHUNK_SHARE = {"decode": 0.5, "aggregated": 0.5, "prefill": 1.0}
+# A budget is at most this many times the longest prompt the figure timed. The
+# prompts are timed within one step of the budget the worker had, and the speed
+# of a step is not the same at every size: one core of a 2-core VM measured
+# 2,000-2,200 tokens/s between 16 and 200-460 tokens, but 950-1,290 at 1,024.
+# A line through small steps extrapolated far above them can promise a chunk
+# that takes twice the target; bounded, the budget grows towards the size whose
+# own step fits the target over a few starts, each timing the size it runs at.
+BUDGET_REACH = 2
 
 
 def step_budget(cal: Calibration, itl_s: float, role: str) -> int:
@@ -145,11 +153,15 @@ def step_budget(cal: Calibration, itl_s: float, role: str) -> int:
     The tokens this slice prefills, at its measured speed, in its share of the
     ITL target: a step that carries a chunk of a long prompt beside running
     streams then ends within the target (Sarathi-Serve's stall-free batching,
-    sized from this machine's speed instead of a constant).
+    sized from this machine's speed instead of a constant). At most
+    BUDGET_REACH times the longest prompt the speed was measured on.
     """
     share = CHUNK_SHARE.get(role, 0.5)
-    tokens = int(cal.prefill_tps * itl_s * share) // STEP_QUANTUM * STEP_QUANTUM
-    return max(MIN_STEP_TOKENS, tokens)
+    tokens = cal.prefill_tps * itl_s * share
+    longest = max((n for n, _ in cal.prefill_points), default=0)
+    if longest > 0:
+        tokens = min(tokens, BUDGET_REACH * longest)
+    return max(MIN_STEP_TOKENS, int(tokens) // STEP_QUANTUM * STEP_QUANTUM)
 
 
 def machine_key(cpu_model: str, simd_flags: list[str], key: str) -> str:

@@ -228,16 +228,24 @@ class Fleet:
             return
         key = self._calibration_key(spec.role)
         self.router.seed_calibration(spec.role, cal, key)
-        self._calibrations[key] = cal
-        try:
-            calibration.save(self.run_dir, self._calibrations)
-            self._save_machine_speeds(key, cal)
-        except OSError:
-            pass  # the figures still seed this run
+        # A worker restarted while the others serve is timed beside their load (the
+        # cores share memory bandwidth): one such figure on a 2-core VM was 3x slower
+        # than a quiet one. It seeds this run, but the figures kept for later starts,
+        # which size step budgets from the slowest of them, are quiet ones only.
+        busy = [b.id for b in self.registry.backends.values() if b.id != spec.id and b.inflight]
+        if not busy:
+            self._calibrations[key] = cal
+            try:
+                calibration.save(self.run_dir, self._calibrations)
+                self._save_machine_speeds(key, cal)
+            except OSError:
+                pass  # the figures still seed this run
         steps = " · ".join(f"{1000 * v:.0f} ms at {k}" for k, v in sorted(
             cal.decode_step_s.items()))
+        kept = f" (timed while {', '.join(busy)} served: not kept for later starts)" \
+            if busy else ""
         self.event("worker", f"{spec.id} calibrated in {cal.took_s:.1f} s: prefill "
-                   f"{cal.prefill_tps:,.0f} tokens/s, decode step {steps}")
+                   f"{cal.prefill_tps:,.0f} tokens/s, decode step {steps}{kept}")
 
     def _step_s(self, spec: vllm_spec.WorkerSpec) -> float | None:
         """The slowest decode step calibration measured on this worker's slice (the

@@ -25,6 +25,17 @@ def test_budget_follows_the_measured_speed_and_the_role_share() -> None:
     assert calibration.step_budget(cal(12000), 0.25, "decode") == 1488
 
 
+def test_budget_reaches_at_most_twice_the_longest_prompt_timed() -> None:
+    # 3,500 tokens/s fitted between 16 and 96 tokens (inside a 96-token budget): the
+    # line says 432 decode tokens fit, but nothing near that size was timed.
+    small = dataclasses.replace(cal(3500), prefill_points=((16, 0.08), (96, 0.103)))
+    assert calibration.step_budget(small, 0.25, "decode") == 192
+    assert calibration.step_budget(small, 0.25, "prefill") == 192
+    # Timed at 1,024 tokens: the line holds where it was measured.
+    big = dataclasses.replace(cal(1200), prefill_points=((16, 0.06), (1024, 0.9)))
+    assert calibration.step_budget(big, 0.25, "prefill") == 288
+
+
 def test_budget_never_under_the_floor() -> None:
     assert calibration.step_budget(cal(10), 0.25, "decode") == calibration.MIN_STEP_TOKENS
 
