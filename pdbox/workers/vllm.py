@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,15 +56,9 @@ class WorkerSpec:
         return f"http://127.0.0.1:{self.ports.http}"
 
     def _flag(self, name: str) -> int:
-        """An integer flag's value in argv (the last one given wins, as in vLLM's
-        parser); 0 when it is left to vLLM's default."""
-        found = 0
-        for i, a in enumerate(self.argv):
-            v = a.split("=", 1)[1] if a.startswith(name + "=") else \
-                self.argv[i + 1] if a == name and i + 1 < len(self.argv) else None
-            if v is not None and v.isdigit():
-                found = int(v)
-        return found
+        """An integer flag's value in argv; 0 when it is left to vLLM's default."""
+        v = flag_value(self.argv, name)
+        return int(v) if v and v.isdigit() else 0
 
     @property
     def max_num_seqs(self) -> int:
@@ -137,10 +132,9 @@ def offload_bytes(profile: Profile) -> int:
     return int(profile.kv.offload_gib * GIB)
 
 
-def extra_flag_value(profile: Profile, flag: str) -> str | None:
-    """The value a profile's engine.extra_args give `flag` (the last one wins,
-    as in argparse), in either "--flag=V" or "--flag V" form."""
-    args = list(profile.engine.extra_args)
+def flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value `args` give `flag` (the last one wins, as in argparse), in either
+    "--flag=V" or "--flag V" form."""
     value = None
     for i, arg in enumerate(args):
         if arg == flag and i + 1 < len(args):
@@ -148,6 +142,11 @@ def extra_flag_value(profile: Profile, flag: str) -> str | None:
         elif arg.startswith(flag + "="):
             value = arg.split("=", 1)[1]
     return value
+
+
+def extra_flag_value(profile: Profile, flag: str) -> str | None:
+    """The value a profile's engine.extra_args give `flag`."""
+    return flag_value(profile.engine.extra_args, flag)
 
 
 def gpu_batch_limits(profile: Profile, rc: RoleConfig) -> tuple[int, int]:
