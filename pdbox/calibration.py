@@ -44,14 +44,19 @@ class Calibration:
         slope = max(0.0, (s1 - s0) / (b1 - b0))
         return s0 + slope * (batch - b0)
 
-    def streams_within(self, itl_s: float, cap: int) -> int:
-        """How many streams one worker runs with each step inside `itl_s` (1..cap)."""
-        best = 1
-        for b in range(1, cap + 1):
-            step = self.step_at(b)
-            if step is not None and step <= itl_s:
-                best = b
-        return best
+    def streams_within(self, itl_s: float, cap: int | None = None) -> int:
+        """How many streams one worker runs with each step inside `itl_s`: at least 1,
+        at most `cap`, on the line through the measured steps. 0 where the steps do
+        not grow with the batch (nothing measured limits it: the worker's own slots do)."""
+        pts = sorted(self.decode_step_s.items())
+        if not pts or pts[0][1] > itl_s:
+            return 1
+        (b0, s0), (b1, s1) = pts[0], pts[-1]
+        slope = (s1 - s0) / (b1 - b0) if b1 > b0 else 0.0
+        if slope <= 0:
+            return cap or 0
+        n = b0 + int((itl_s - s0) / slope + 1e-9)
+        return max(1, min(n, cap) if cap else n)
 
     def request_s(self, prompt_tokens: int, output_tokens: int, batch: int) -> float:
         """A request's time on a worker: its prefill, then its tokens at `batch`'s step."""

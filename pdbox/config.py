@@ -124,9 +124,12 @@ class RouterConfig:
     port: int = 8000
     policy: str = "prefix"
     weights: Weights = field(default_factory=Weights)
-    # Remote prefill only when at least this many prompt tokens are uncached on
-    # the chosen decode worker.
-    pd_min_uncached_tokens: int = 256
+    # The P/D gate: remote prefill only when at least this many prompt tokens
+    # are uncached on the chosen decode worker. "auto": the tokens that worker
+    # prefills, at its measured speed, in what the ITL target leaves beside its
+    # decode step (decider.gate_tokens): a shorter prompt cannot push a stream's
+    # gap past the target, so splitting it never pays. An integer fixes it.
+    pd_min_uncached_tokens: int | str = "auto"
     # "threshold" uses only the rule above; "adaptive" also predicts TTFT from
     # live prefill speed, transfer time and queueing.
     pd_decider: str = "adaptive"
@@ -154,6 +157,12 @@ class RouterConfig:
     balance_abs: int = 8
     balance_rel: float = 1.5
     api_key_env: str = "PDBOX_API_KEY"
+
+    @property
+    def fixed_gate(self) -> int | None:
+        """The P/D gate the profile fixes, or None where it is derived ("auto")."""
+        g = self.pd_min_uncached_tokens
+        return g if isinstance(g, int) else None
 
 
 @dataclass(frozen=True)
@@ -256,6 +265,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "nixl.kv_load_failure_policy": ("recompute", "fail"),
     "model.dtype": ("bfloat16", "float16", "float32", "auto"),
 }
+
+# Keys that take an integer or "auto" (derived from measured speeds).
+_INT_OR_AUTO = frozenset({"router.pd_min_uncached_tokens"})
 
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
@@ -375,6 +387,11 @@ class _Loader:
         return cls(**kwargs)
 
     def coerce(self, dotted: str, f: dataclasses.Field, value: Any) -> Any:
+        if dotted in _INT_OR_AUTO:
+            if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+                return value
+            raise self.fail(dotted, f"must be \"auto\" or an integer, not {_tname(value)}"
+                            + (f" {value!r}" if isinstance(value, str) else ""))
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
@@ -543,8 +560,11 @@ def validate(p: Profile, ld: _Loader | None = None) -> None:
     r = p.router
     if not 0 <= r.port <= 65535:
         raise fail("router.port", "must lie within 0..65535")
-    if r.pd_min_uncached_tokens < 0:
-        raise fail("router.pd_min_uncached_tokens", "must not be negative")
+    gate = r.pd_min_uncached_tokens
+    if isinstance(gate, bool) or (isinstance(gate, str) and gate != "auto") or (
+            isinstance(gate, int) and gate < 0):
+        raise fail("router.pd_min_uncached_tokens",
+                   f"must be \"auto\" or a token count of 0 or more, not {gate!r}")
     if p.autoscaler.resplit_dwell_s < 0:
         raise fail("autoscaler.resplit_dwell_s", "must not be negative")
     if r.soft_roles_hold_s < 0:

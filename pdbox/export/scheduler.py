@@ -17,6 +17,10 @@ from pdbox.export.ledger import Ledger
 from pdbox.export.names import Names
 
 CONFIG_FILE = "epp-config.yaml"
+# What a profile's "auto" P/D gate becomes in llm-d, whose decider takes a fixed
+# count: pdbox's speeds are measured on this box, not on the cluster's GPUs. The
+# GPU profiles fix 512; a CPU profile exported to a GPU cluster gets the same.
+EXPORT_AUTO_GATE = 512
 PRODUCER = "approx-prefix-cache-producer"
 SCORERS = {
     "prefix": "prefix-cache-scorer",
@@ -139,7 +143,15 @@ def epp_config(profile: Profile, led: Ledger) -> dict[str, Any]:
 
 def _pd_plugins(profile: Profile, led: Ledger) -> list[dict[str, Any]]:
     r = profile.router
-    if r.pd_min_uncached_tokens == 0:
+    gate = r.fixed_gate
+    if gate is None:
+        # llm-d's decider takes a fixed count; "auto" follows speeds measured on
+        # this box, which say nothing of the cluster's GPUs.
+        gate = EXPORT_AUTO_GATE
+        led.warn("router.pd_min_uncached_tokens",
+                 f"\"auto\" follows this box's measured speeds; llm-d takes a fixed count, "
+                 f"so the export sets {gate} tokens (set an integer in the profile to choose)")
+    if gate == 0:
         decider: dict[str, Any] = {"type": "always-disagg-pd-decider"}
         led.map(
             "router.pd_min_uncached_tokens",
@@ -149,12 +161,12 @@ def _pd_plugins(profile: Profile, led: Ledger) -> list[dict[str, Any]]:
     else:
         decider = {
             "type": "prefix-based-pd-decider",
-            "parameters": {"nonCachedTokens": r.pd_min_uncached_tokens},
+            "parameters": {"nonCachedTokens": gate},
         }
         led.map(
             "router.pd_min_uncached_tokens",
             "prefix-based-pd-decider nonCachedTokens (llm-d estimates tokens as bytes / 4)",
-            r.pd_min_uncached_tokens,
+            gate,
         )
     if r.soft_roles:
         led.warn(

@@ -125,6 +125,20 @@ class BoxModel:
         cmp = self.flops_per_token * (batch + prefill) / (self.flops * share)
         return max(mem, cmp)
 
+    def gate_tokens(self, units: float, itl_s: float, limit: int) -> int:
+        """The P/D gate a profile's "auto" gives on this model (decider.gate_tokens):
+        the longest prompt whose step beside one stream on `units` stays within `itl_s`."""
+        if units <= 0 or self.step_s(units, 1, 0.0, 0) > itl_s:
+            return 0
+        lo, hi = 0, limit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.step_s(units, 1, 0.0, mid) <= itl_s:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     def transfer_s(self, tokens: int) -> float:
         if self.device == "cpu":
             return self.cpu.kv_transfer_s
@@ -245,12 +259,14 @@ class _SplitSim:
             out = max(1, min(r.output_tokens, limit // 2))
             self.reqs.append(_Req(i, r.arrival_s / rate_scale,
                                   max(1, min(r.input_tokens, limit - 1 - out)), out))
-        self.gate = profile.router.pd_min_uncached_tokens
         self.hold = profile.router.soft_roles_hold_s
         self.ctl = SplitController(profile.autoscaler.resplit_dwell_s)
         sp = current_split(self.live)
         self.w = {"prefill": _Worker("prefill", self._units(sp, "prefill")),
                   "decode": _Worker("decode", self._units(sp, "decode"))}
+        fixed = profile.router.fixed_gate
+        self.gate = fixed if fixed is not None else model.gate_tokens(
+            self.w["decode"].units, profile.slo.itl_s, limit)
         self.events: list[tuple[float, int, str, Any]] = []
         self.seq = 0
         self.now = 0.0

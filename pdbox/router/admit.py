@@ -48,7 +48,7 @@ UNREPORTED_SLOTS = 256  # vLLM's default max_num_seqs on a GPU (128 on a CPU)
 
 def worker_slots(b: Backend) -> int:
     """Requests a worker takes at once, as it reported (see the module)."""
-    return b.max_running or b.max_num_seqs or UNREPORTED_SLOTS
+    return b.slots or UNREPORTED_SLOTS
 
 
 class AdmitStage:

@@ -40,6 +40,7 @@ from pdbox.router.admission import Admission
 from pdbox.router.admit import AdmitStage, Refused
 from pdbox.router.backends import Backend, Registry
 from pdbox.router.choose import PathChooser, Reply, Route
+from pdbox.router.decider import gate_tokens
 from pdbox.router.flow import Balancer
 from pdbox.router.flowing import FlowView
 from pdbox.router.kv_events import render_prometheus
@@ -71,7 +72,6 @@ __all__ = ["Decision", "Router"]
 CALIBRATION_OUTPUT_TOKENS = 64
 UPSTREAM_KEEPALIVE_S = 4.0
 WORKER_WAIT_POLL_S = 0.25  # how often a request with no worker to go to looks again
-SOFT_STREAMS_DEFAULT = 8  # whole streams on a prefill worker when the profile sets no cap
 
 
 class Router:
@@ -93,7 +93,7 @@ class Router:
         self.picker = Picker(r.weights, r.balance_abs, r.balance_rel)
         self.prefill_picker = Picker(r.weights, r.balance_abs, r.balance_rel)
         self.decider = PDDecider(
-            min_uncached_tokens=r.pd_min_uncached_tokens,
+            min_uncached_tokens=r.fixed_gate,
             mode=r.pd_decider,
             ttft_slo_s=profile.slo.ttft_s,
             itl_slo_s=profile.slo.itl_s,
@@ -101,9 +101,9 @@ class Router:
         # Soft roles: the prefill worker also serves short requests whole while it
         # has no prefill work, and the whole box while no decode worker is ready.
         self.soft = SoftRoles(SoftSettings(
-            enabled=profile.is_pd and r.soft_roles, gate_tokens=r.pd_min_uncached_tokens,
-            hold_s=r.soft_roles_hold_s, max_streams=self._per_worker_cap(), hybrid=r.hybrid),
-            transfer_s=self.decider.transfer_s)
+            enabled=profile.is_pd and r.soft_roles, gate_tokens=r.fixed_gate,
+            hold_s=r.soft_roles_hold_s, max_streams=r.max_inflight_per_worker, hybrid=r.hybrid),
+            transfer_s=self.decider.transfer_s, gate=self.decider.gate)
         self.role_mix = RoleMix()
         self.prompts = PromptStage(tokenizer, profile.model.block_size, self.max_model_len)
         self.block_size = self.prompts.block_size
@@ -378,14 +378,17 @@ class Router:
         # A slot is held for a request's prefill and its tokens: a gate-sized
         # prompt and CALIBRATION_OUTPUT_TOKENS at a full worker's step, until
         # released requests teach the mean.
-        self.admission.seed_hold(cal.request_s(self.profile.router.pd_min_uncached_tokens,
-                                               CALIBRATION_OUTPUT_TOKENS, slots))
+        slo = self.profile.slo
+        gate = self.profile.router.fixed_gate
+        if gate is None:
+            gate = gate_tokens(cal.prefill_tps, cal.step_at(1) or 0.0, slo.itl_s)
+        self.admission.seed_hold(cal.request_s(gate, CALIBRATION_OUTPUT_TOKENS, slots))
         if role == "prefill" and self.soft.settings.enabled:
             # Whole requests on the prefill worker stop where its step would
-            # pass the ITL target.
-            cap = self._per_worker_cap()
+            # pass the ITL target (and at the profile's cap, or the worker's slots).
+            cap = self.profile.router.max_inflight_per_worker or None
             self.soft.settings = dataclasses.replace(
-                self.soft.settings, max_streams=cal.streams_within(self.profile.slo.itl_s, cap))
+                self.soft.settings, max_streams=cal.streams_within(slo.itl_s, cap))
 
     def stall_bound_s(self, b: Backend) -> float:
         """Silence after which `b` is taken for frozen: STEP_MARGIN longest steps
@@ -406,11 +409,6 @@ class Router:
         if flag and flag.isdigit():
             return int(flag)
         return rc.max_num_batched_tokens or CPU_STEP_TOKENS
-
-    def _per_worker_cap(self) -> int:
-        """Whole streams a prefill worker may take under soft roles: the profile's cap,
-        or SOFT_STREAMS_DEFAULT where the profile leaves admission to the workers."""
-        return self.profile.router.max_inflight_per_worker or SOFT_STREAMS_DEFAULT
 
     def _slice_key(self, role: str) -> str:
         """Workers of equal hardware slices share one prefill-speed estimate."""

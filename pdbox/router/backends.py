@@ -47,6 +47,11 @@ class Backend:
     engine: EngineWindow = field(default_factory=EngineWindow)  # vLLM's histograms, per scrape
 
     @property
+    def slots(self) -> int:
+        """Requests it runs at once: a learnt limit, else its max_num_seqs (0: not known)."""
+        return self.max_running or self.max_num_seqs
+
+    @property
     def routable(self) -> bool:
         return self.state in ROUTABLE
 
@@ -60,6 +65,7 @@ class Backend:
             running=self.running,
             inflight=self.inflight,
             kv_usage=self.kv_usage,
+            slots=self.slots,
         )
 
     def engine_itl_s(self, since: float) -> float | None:

@@ -62,6 +62,22 @@ class PDDecision:
 PRIOR_TRANSFER_S = 0.1
 
 
+def gate_tokens(prefill_tps: float, step_s: float, itl_s: float) -> int:
+    """The P/D gate from measured speeds: the prompt tokens a worker prefills in what
+    the ITL target leaves beside its decode step.
+
+    A prompt under it, prefilled in one step with the running streams, keeps every
+    gap within the target: a split cannot buy those streams anything and costs the
+    request the KV transfer. A step already past the target leaves no room, and
+    every prompt goes to the cost rule. Speeds and a target, so it holds on any
+    machine: ~250-450 tokens on one core of a 2-core AMX VM at a 250 ms target,
+    ~80 on an AVX2 core in float32, thousands on a GPU slice.
+    """
+    if prefill_tps <= 0:
+        return 0
+    return max(0, int(prefill_tps * max(0.0, itl_s - max(0.0, step_s))))
+
+
 class _Ewma:
     __slots__ = ("alpha", "value")
 
@@ -142,15 +158,17 @@ class _Backlog:
 class PDDecider:
     """Conditional disaggregation, as in NVIDIA Dynamo (see the module doc).
 
-    "threshold": remote iff at least `min_uncached_tokens` are uncached on the
+    "threshold": remote iff at least the gate's tokens are uncached on the
     chosen decode worker and a ready prefill worker exists. "adaptive": the
     same gate, then the cost rule. Until observations arrive it uses the priors.
+    The gate is `min_uncached_tokens` where the profile fixes it; None derives it
+    from the decode worker's measured speed (`gate_tokens`).
     """
 
     def __init__(
         self,
         mode: str = "adaptive",
-        min_uncached_tokens: int = 256,
+        min_uncached_tokens: int | None = 256,
         ttft_slo_s: float = 3.0,
         itl_slo_s: float = 0.25,
         prior_prefill_tps: float = 1000.0,
@@ -209,6 +227,13 @@ class PDDecider:
         self._itl.pop(worker_id, None)
         self._engine_taught.discard(worker_id)
 
+    def gate(self, worker_id: str) -> int:
+        """Uncached tokens from which a prompt prefilled on `worker_id` is long: the
+        profile's fixed gate, else the one its measured speed and step give."""
+        if self.min_uncached_tokens is not None:
+            return self.min_uncached_tokens
+        return gate_tokens(self.prefill_tps(worker_id), self.prior_itl_s, self.itl_slo_s)
+
     def prefill_tps(self, worker_id: str) -> float:
         speed = self._speed.get(self.slice_of(worker_id))
         tps = speed.tps() if speed is not None else None
@@ -252,7 +277,7 @@ class PDDecider:
             b.acc_seconds += max(0.0, seconds)
             b.acc_n += 1
         sample = b.take_sample()
-        if sample and sample[0] >= max(1, self.min_uncached_tokens) and sample[1] > 0:
+        if sample and sample[0] >= max(1, self.gate(worker_id)) and sample[1] > 0:
             self._learn(worker_id, *sample)
 
     def observe_engine_prefill(self, worker_id: str, tokens: float, seconds: float,
@@ -270,7 +295,7 @@ class PDDecider:
         if requests <= 0 or tokens <= 0 or seconds <= 0:
             return
         self._engine_taught.add(worker_id)
-        if tokens / requests >= max(1, self.min_uncached_tokens):
+        if tokens / requests >= max(1, self.gate(worker_id)):
             self._learn(worker_id, tokens / requests, seconds / requests)
 
     def observe_transfer(self, seconds: float) -> None:
@@ -304,6 +329,8 @@ class PDDecider:
             "transfer_s": self._transfer.value,
             "pending": {w: len(b.pending) for w, b in self._backlog.items() if b.pending},
             "targets": {"ttft_s": self.ttft_slo_s, "itl_s": self.itl_slo_s},
+            "gate_tokens": {w: self.gate(w) for w in self._slice},
+            "gate_from": "profile" if self.min_uncached_tokens is not None else "speeds",
         }
 
     # ----------------------------------------------------------- decision
@@ -319,12 +346,11 @@ class PDDecider:
             return PDDecision(False, "local: no ready prefill worker")
         if force == "remote":
             return PDDecision(True, f"remote: asked by the client; {tokens} uncached tokens")
-        if tokens < self.min_uncached_tokens:
-            return PDDecision(
-                False, f"local: {tokens} uncached tokens < {self.min_uncached_tokens} threshold")
+        gate = self.gate(decode.id)
+        if tokens < gate:
+            return PDDecision(False, f"local: {tokens} uncached tokens < {gate} threshold")
         if self.mode == "threshold":
-            return PDDecision(
-                True, f"remote: {tokens} uncached tokens ≥ {self.min_uncached_tokens} threshold")
+            return PDDecision(True, f"remote: {tokens} uncached tokens ≥ {gate} threshold")
         local_prefill = tokens / self.prefill_tps(decode.id)
         local = self.queue_s(decode.id, now) + local_prefill
         remote = (self.queue_s(prefill.id, now) + tokens / self.prefill_tps(prefill.id)

@@ -44,6 +44,7 @@ class WorkerView:
     running: int = 0  # vllm:num_requests_running
     inflight: int = 0  # requests the router has open on it (fresher than /metrics)
     kv_usage: float = 0.0  # vllm:kv_cache_usage_perc, 0..1
+    slots: int = 0  # requests it runs at once, as it reported (admit.worker_slots; 0: not known)
 
     @property
     def load(self) -> int:

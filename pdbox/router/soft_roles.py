@@ -15,7 +15,9 @@ The rules, per request, on top of the picker and the P/D decider:
   uncached tokens than the P/D gate: it would be prefilled where it decodes
   anyway), only while the worker is not prefilling (no prefill leg open, none
   in the last `hold_s`: long prompts tend to come in runs, so a worker that
-  just prefilled is kept for the next one), and only below `max_streams`.
+  just prefilled is kept for the next one), and only below its stream cap
+  (`cap`: the streams its measured step keeps within the ITL target, never
+  more than the worker's own slots).
   An eligible prefill worker then competes with the decode workers in the
   picker on prefix, queue and KV, so short streams spread over both slices.
   With no decode worker ready (starting, restarting, a re-split), every
@@ -51,6 +53,7 @@ class Load(Protocol):
     ready: bool
     running: int
     inflight: int
+    slots: int  # requests the worker runs at once, as it reported (0: not known)
 
 
 # Remote prefill on an idle prefill worker is taken when it costs the request at
@@ -63,12 +66,16 @@ REMOTE_SLACK = 0.25
 @dataclass(frozen=True)
 class Settings:
     enabled: bool = True
-    # Prompts with at least this many uncached tokens are long (the decider's gate).
-    gate_tokens: int = 256
+    # Prompts with at least this many uncached tokens are long (the decider's
+    # default); None: the decider's gate for that worker, from its measured speed
+    # (SoftRoles.gate), as the router sets it for a profile's "auto".
+    gate_tokens: int | None = 256
     # After its last prefill leg, a prefill worker counts as prefilling this long.
     hold_s: float = 10.0
-    # Whole requests a prefill worker takes at most (its admission slots).
-    max_streams: int = 8
+    # Whole requests a prefill worker takes at most: as many streams as its
+    # calibrated step keeps within the ITL target, or the profile's per-worker
+    # cap. 0: not measured yet. Either way never more than the worker's own slots.
+    max_streams: int = 0
     # Hybrid P/D: a prefill worker is a whole-request server like any other, for
     # prompts of any length and with no hold; P/D is a per-request choice, in
     # either direction (choose.py), made only when the measured costs say so.
@@ -82,8 +89,12 @@ def streams(w: Load) -> int:
 
 class SoftRoles:
     def __init__(self, settings: Settings | None = None,
-                 transfer_s: Callable[[], float] | None = None) -> None:
+                 transfer_s: Callable[[], float] | None = None,
+                 gate: Callable[[str], int] | None = None) -> None:
         self.settings = settings or Settings()
+        # The decider's gate for a worker (from its measured speed), when the
+        # settings fix none.
+        self.gate_of = gate or (lambda _wid: 0)
         # The KV transfer's measured time (the decider's), for the slack of remote.
         self.transfer_s = transfer_s or (lambda: PRIOR_TRANSFER_S)
         self._legs: dict[str, int] = {}  # prefill legs open per worker
@@ -118,6 +129,20 @@ class SoftRoles:
         self._legs.pop(worker_id, None)
         self._last_leg.pop(worker_id, None)
 
+    def gate(self, worker_id: str) -> int:
+        g = self.settings.gate_tokens
+        return g if g is not None else self.gate_of(worker_id)
+
+    def cap(self, w: Load) -> int | None:
+        """Whole streams `w` may take: the ITL fit (or the profile's cap) and its own
+        slots, whichever is smaller; None where neither is known yet."""
+        caps = [c for c in (self.settings.max_streams, w.slots) if c > 0]
+        return min(caps) if caps else None
+
+    def _full(self, w: Load) -> bool:
+        cap = self.cap(w)
+        return cap is not None and self.whole_streams(w.id) >= cap
+
     def prefilling(self, worker_id: str, now: float) -> str | None:
         """Why the worker counts as prefilling at `now` (None: it does not)."""
         open_legs = self._legs.get(worker_id, 0)
@@ -148,16 +173,17 @@ class SoftRoles:
             n = uncached.get(w.id, 0)
             busy = None if s.hybrid else self.prefilling(w.id, now)
             if s.hybrid:
-                if self.whole_streams(w.id) >= s.max_streams:
+                if self._full(w):
                     why.append(f"{w.id} full: {self.whole_streams(w.id)} whole streams")
                 else:
                     out.append(w.id)
                 continue
-            if n >= s.gate_tokens:
-                why.append(f"{w.id} not whole: {n} uncached tokens >= {s.gate_tokens}")
+            gate = self.gate(w.id)
+            if n >= gate:
+                why.append(f"{w.id} not whole: {n} uncached tokens >= {gate}")
             elif busy:
                 why.append(f"{w.id} kept for prefill: {busy}")
-            elif self.whole_streams(w.id) >= s.max_streams:
+            elif self._full(w):
                 why.append(f"{w.id} full: {self.whole_streams(w.id)} whole streams")
             else:
                 out.append(w.id)

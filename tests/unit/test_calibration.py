@@ -48,6 +48,9 @@ def test_step_between_and_beyond_the_measured_batches() -> None:
     assert c.streams_within(0.1, 32) == 6
     assert c.streams_within(0.01, 32) == 1  # never below one
     assert c.streams_within(10.0, 8) == 8  # never past the cap
+    assert c.streams_within(0.1) == 6  # no cap: where the line crosses the target
+    flat = cal(decode_step_s={1: 0.05, 4: 0.05})
+    assert flat.streams_within(0.1) == 0 and flat.streams_within(0.1, 8) == 8
     assert c.request_s(256, 64, 1) == pytest.approx(0.05 + 0.128 + 3.2)
 
 
@@ -174,6 +177,10 @@ def test_the_router_seeds_its_learners_from_a_calibration() -> None:
     assert r.decider.prefill_tps("prefill-0") == pytest.approx(400.0)
     assert r.decider.prior_itl_s == 0.1
     assert r.soft.settings.max_streams == 4  # 0.1 + 0.04 x 3 = 0.22 <= 0.25 < 0.26
+    # The gate cpu-tiny derives ("auto"): 400 tokens/s in the 150 ms the 250 ms
+    # target leaves beside a 100 ms step.
+    assert p.router.fixed_gate is None
+    assert r.decider.gate("prefill-0") == 60
     assert r.admission.hold_estimate_s() == pytest.approx(
-        slow.request_s(p.router.pd_min_uncached_tokens, 64, r.admission.max_inflight))
+        slow.request_s(60, 64, r.admission.max_inflight))
     assert r.snapshot()["calibration"]["1 core(s) · float32 · smollm2"]["prefill_tps"] == 400.0

@@ -242,6 +242,19 @@ def test_non_finite_numbers_are_refused(bad: str) -> None:
     assert e.key == "slo.ttft_s" and "finite" in str(e)
 
 
+@pytest.mark.parametrize("value", ['"auto"', "0", "300"])
+def test_the_pd_gate_is_auto_or_a_count(value: str) -> None:
+    p = load_text(edit(CPU, "[router]", f"[router]\npd_min_uncached_tokens = {value}"), "my.toml")
+    assert p.router.fixed_gate == (None if value == '"auto"' else int(value))
+
+
+@pytest.mark.parametrize("value", ['"fast"', "-1", "true", "2.5"])
+def test_a_bad_pd_gate_is_one_sentence(value: str) -> None:
+    e = error(edit(CPU, "[router]", f"[router]\npd_min_uncached_tokens = {value}"))
+    assert e.key == "router.pd_min_uncached_tokens" and '"auto"' in str(e)
+    assert e.line is not None
+
+
 # ------------------------------------------------------------------ cross-field rules
 
 

@@ -225,3 +225,39 @@ def test_the_client_can_force_the_path() -> None:
                         clock(), force="local").remote
     # Remote still needs a prefill worker.
     assert not d.decide(5000, None, idle, clock(), force="remote").remote
+
+
+# ------------------------------------------------------------------ the gate from speeds
+
+
+def test_the_gate_from_speeds_is_what_one_target_leaves_beside_a_step() -> None:
+    from pdbox.router.decider import gate_tokens
+
+    # One core of an AMX VM (2,000 tokens/s, 55 ms step), an AVX2 core in float32
+    # (~390 tokens/s, ~90 ms), a GPU slice (20,000 tokens/s, 15 ms at a 50 ms target).
+    assert gate_tokens(2000.0, 0.055, 0.25) == 390
+    assert gate_tokens(390.0, 0.09, 0.25) == 62
+    assert gate_tokens(20000.0, 0.015, 0.05) == 700
+    # A step already past the target leaves no room: every prompt meets the cost rule.
+    assert gate_tokens(2000.0, 0.3, 0.25) == 0
+    assert gate_tokens(0.0, 0.05, 0.25) == 0
+
+
+def test_auto_gate_follows_the_decode_workers_measured_speed() -> None:
+    d = PDDecider(min_uncached_tokens=None, ttft_slo_s=3.0, itl_slo_s=0.25)
+    d.set_slice("decode-0", "1 core(s)")
+    d.set_slice("prefill-0", "1 core(s)")
+    d.seed("1 core(s)", 2000.0, 0.05)
+    assert d.gate("decode-0") == 400  # 2,000 tokens/s x (250 - 50) ms
+    assert not d.decide(399, w("prefill-0", "prefill"), w("decode-0", running=3), 0.0).remote
+    far = d.decide(2000, w("prefill-0", "prefill"), w("decode-0", running=3), 0.0)
+    assert far.remote and "threshold" not in far.reason
+    assert d.estimates()["gate_tokens"]["decode-0"] == 400
+    assert d.estimates()["gate_from"] == "speeds"
+    # A slower machine: the same target gives a lower gate, so shorter prompts may split.
+    slow = PDDecider(min_uncached_tokens=None, itl_slo_s=0.25)
+    slow.set_slice("decode-0", "1 core(s)")
+    slow.seed("1 core(s)", 400.0, 0.1)
+    assert slow.gate("decode-0") == 60
+    # A fixed gate stays as the profile set it.
+    assert tiny().gate("decode-0") == 256 and tiny().estimates()["gate_from"] == "profile"

@@ -185,7 +185,11 @@ def test_mapped_values_follow_the_profile() -> None:
     plugins = {p["type"]: p.get("parameters", {}) for p in cfg["plugins"]}
     assert plugins["approx-prefix-cache-producer"]["blockSizeTokens"] == profile.model.block_size
     assert plugins["approx-prefix-cache-producer"]["autoTune"] is False
-    assert plugins["prefix-based-pd-decider"]["nonCachedTokens"] == 256
+    # cpu-tiny's gate is "auto" (from this box's speeds): llm-d gets the GPU
+    # profiles' fixed count, with a warning that says so.
+    assert profile.router.fixed_gate is None
+    assert plugins["prefix-based-pd-decider"]["nonCachedTokens"] == 512
+    assert any(w.key == "router.pd_min_uncached_tokens" for w in export.warnings)
     assert plugins["disagg-profile-handler"]["deciders"] == {"prefill": "prefix-based-pd-decider"}
     for prof in cfg["schedulingProfiles"]:
         weights = {p["pluginRef"]: p.get("weight") for p in prof["plugins"]}

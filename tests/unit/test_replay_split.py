@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -37,8 +38,26 @@ def chat(n: int, every_s: float, inp: int = 100, out: int = 200) -> list[TraceRe
     return [TraceRequest(i * every_s, inp, out) for i in range(n)]
 
 
-def test_soft_roles_serve_short_requests_whole_on_the_prefill_worker() -> None:
+def gated(name: str, tokens: int) -> config.Profile:
+    """The profile with a fixed P/D gate: the tests below are of what soft roles do
+    with short and long prompts, not of where "auto" puts the line on the model."""
+    p = config.load(name)
+    return dataclasses.replace(p, router=dataclasses.replace(
+        p.router, pd_min_uncached_tokens=tokens))
+
+
+def test_auto_gate_is_the_longest_prompt_one_step_fits_in_the_itl_target() -> None:
     p = config.load("cpu-tiny")
+    m = BoxModel.for_profile(p)
+    gate = m.gate_tokens(1, p.slo.itl_s, p.model.max_model_len)
+    assert m.step_s(1, 1, 0.0, gate) <= p.slo.itl_s < m.step_s(1, 1, 0.0, gate + 1)
+    # Twice the cores prefill twice as fast beside a step half as long.
+    assert m.gate_tokens(2, p.slo.itl_s, 4096) > 2 * gate
+    assert m.gate_tokens(1, 0.01, 4096) == 0  # the step alone is past the target
+
+
+def test_soft_roles_serve_short_requests_whole_on_the_prefill_worker() -> None:
+    p = gated("cpu-tiny", 256)
     soft = simulate_split(chat(60, 0.5), p, resplit=False)
     fixed = simulate_split(chat(60, 0.5), p, soft=False, resplit=False)
     assert soft["paths"].get("whole", 0) > 10 and "whole" not in fixed["paths"]
@@ -47,7 +66,7 @@ def test_soft_roles_serve_short_requests_whole_on_the_prefill_worker() -> None:
 
 
 def test_long_prompts_go_remote_and_keep_short_ones_off_the_prefill_worker() -> None:
-    p = config.load("cpu-tiny")
+    p = gated("cpu-tiny", 256)
     reqs = sorted(chat(20, 1.0) + [TraceRequest(0.5 + 2 * i, 600, 8) for i in range(10)],
                   key=lambda r: r.arrival_s)
     out = simulate_split(reqs, p, resplit=False)

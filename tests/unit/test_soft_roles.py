@@ -155,3 +155,28 @@ def test_hybrid_reverse_split_counts_every_stream_of_the_decode_worker_prefillin
     assert not out.remote and "4 whole stream(s) on decode-0" in out.reason
     # An idle decode worker: remote stands.
     assert s.weigh(dec, w("decode-0", "decode"), home, 2.0) is dec
+
+
+def test_the_whole_stream_cap_is_the_itl_fit_within_the_workers_own_slots() -> None:
+    def pw(slots: int) -> WorkerView:
+        return WorkerView(id="prefill-0", role="prefill", url="", slots=slots)
+
+    s = SoftRoles(Settings(hybrid=True, max_streams=0))
+    assert s.cap(pw(0)) is None  # nothing known: admission alone bounds it
+    assert s.cap(pw(24)) == 24  # its own max_num_seqs
+    s.settings = Settings(hybrid=True, max_streams=40)  # the ITL fit from calibration
+    assert s.cap(pw(24)) == 24 and s.cap(pw(128)) == 40
+    for _ in range(24):
+        s.whole_started("prefill-0")
+    ok, why = s.eligible([pw(24)], {"prefill-0": 10}, decoders_ready=1, now=0.0)
+    assert ok == [] and "full: 24 whole streams" in why
+    ok, _ = s.eligible([pw(128)], {"prefill-0": 10}, decoders_ready=1, now=0.0)
+    assert ok == ["prefill-0"]
+
+
+def test_an_auto_gate_asks_the_decider_per_worker() -> None:
+    s = SoftRoles(Settings(gate_tokens=None), gate=lambda wid: 300 if wid == "prefill-0" else 50)
+    ok, _ = s.eligible([w("prefill-0")], {"prefill-0": 299}, decoders_ready=1, now=0.0)
+    assert ok == ["prefill-0"]
+    ok, why = s.eligible([w("prefill-0")], {"prefill-0": 300}, decoders_ready=1, now=0.0)
+    assert ok == [] and ">= 300" in why
