@@ -310,6 +310,8 @@ class Router:
                 if reply.outcome:
                     self.recorder.outcome(reply.outcome)
                 return reply.response
+            if self.balancer is not None:
+                await self._clear_first(route)  # 4b. streams leave the prefilling worker
             if route.prefill is not None:
                 await self.legs.prefill(call, prompt, route, deadline)  # 5. legs: prefill
             answer = await self._decode(request, call, prompt, route, deadline)
@@ -318,6 +320,17 @@ class Router:
             # Failed before the first byte: once more on another worker.
             excluded.add(route.decode.id)
             self.metrics.retries.inc()
+
+    async def _clear_first(self, route: Route) -> None:
+        """Flowing decode before a long prefill: the worker that will prefill this
+        prompt gives streams to another first, where that pays (flow.clearing)."""
+        worker = route.prefill or route.decode
+        done = await self.flow_view.clear(worker.id, route.uncached, time.monotonic())
+        if done is None or self.balancer is None:
+            return
+        to, moved, _ = done
+        self.balancer.moved(worker.id, to)
+        route.reason = f"{route.reason}; first moved {moved} stream(s) from {worker.id} to {to}"
 
     async def _await_worker(self, deadline: float) -> bool:
         """No worker can serve now: wait for one that is on its way (starting,

@@ -2,6 +2,8 @@
 
 When a phase changes (a burst of chat ends on one worker, long prompts stop
 coming to the other), streams pile up on one worker while another has room.
+And a worker about to prefill a long prompt would hold up every stream on it
+for the whole prefill: `clearing` moves them off first, where that pays.
 Each move goes by KV (kv_move.py): the stream's blocks are pulled from the
 worker it leaves, so a move costs about one block of prefill, not its prompt.
 
@@ -88,6 +90,45 @@ def plan(loads: list[Load], last_move: Mapping[str, float], now: float,
     return hi.id, lo.id, f"rebalance: {hi.id} ran {hi.streams} streams, {lo.id} {lo.streams}; {why}"
 
 
+def clearing(src: Load, dests: list[Load], prefill_s: float, itl_s: float,
+             move_s: float) -> tuple[str, int, str] | None:
+    """(to, how many, why): streams to move off `src` before it prefills a prompt
+    for `prefill_s` seconds, or None.
+
+    A stream left there waits for the whole prefill, however it is chunked: each
+    step carries a chunk beside its token. Moved first, it pauses for one move
+    (`move_s`) instead, and runs on the least loaded other worker, which takes at
+    most as many as keep its step within the ITL target. The prompt waits for the
+    moves' one-token legs, which go ahead of it on `src` (a leg behind a prefill
+    in progress would wait for all of it): at most a move per stream moved. So
+    the moves are made when the stream-seconds they save, net of the growth of
+    the destination's step for the streams already there, pass what they cost
+    the prompt.
+    """
+    if src.movable < 1 or prefill_s <= move_s:
+        return None
+    ok = [d for d in dests if d.id != src.id and d.step_s is not None]
+    if not ok:
+        return None
+    lo = min(ok, key=lambda d: (d.streams, d.id))
+    assert lo.step_s is not None
+    room = src.movable
+    while room and lo.step_s + room * lo.slope_s > itl_s:
+        room -= 1
+    if room < 1:
+        return None
+    # The destination's streams run `room` slopes slower for the prefill's span.
+    tokens_there = prefill_s / max(lo.step_s + room * lo.slope_s, 1e-3)
+    saved = room * (prefill_s - move_s) - lo.streams * room * lo.slope_s * tokens_there
+    # The legs may take a step each on `src` before the prompt's first chunk.
+    cost = room * move_s
+    if saved <= cost:
+        return None
+    return lo.id, room, (f"clear before a {prefill_s:.2f} s prefill on {src.id}: "
+                         f"{room} stream(s) to {lo.id} save {saved:.2f} stream-s against "
+                         f"{cost:.2f} s for the prompt")
+
+
 class Balancer:
     """Runs `plan` every period and asks the migrator for the move."""
 
@@ -103,6 +144,13 @@ class Balancer:
         self.move_s = move_s
         self.last_move: dict[str, float] = {}
         self.moves = 0
+
+    def moved(self, frm: str, to: str) -> None:
+        """A move made outside `step` (a worker cleared before a prefill): the dwell
+        holds both workers, so the balancer does not undo it at once."""
+        now = self.clock()
+        self.last_move[frm] = self.last_move[to] = now
+        self.moves += 1
 
     def step(self) -> tuple[str, str] | None:
         now = self.clock()

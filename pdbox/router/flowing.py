@@ -7,13 +7,14 @@ them into `flow.Load`s; `move` starts a move by KV.
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 from collections.abc import Callable
 
 from pdbox.calibration import Calibration
 from pdbox.router.backends import Backend, Registry
 from pdbox.router.decider import PDDecider
-from pdbox.router.flow import Load
+from pdbox.router.flow import Load, clearing
 from pdbox.router.migration import MigratingStream, Migrator
 
 # How many of the last moves set a move's cost (the median of their KV legs).
@@ -82,6 +83,38 @@ class FlowView:
         if cals:
             return max(c.overhead_s + (c.step_at(1) or 0.0) for c in cals)
         return self.itl_s
+
+    async def clear(self, worker_id: str, tokens: int, now: float) -> tuple[str, int, str] | None:
+        """Before `worker_id` prefills `tokens` uncached tokens: move streams off it
+        where `clearing` says it pays, and wait until their one-token legs were
+        answered there, so that they go ahead of the prompt. (to, moved, why) or None.
+
+        The wait is bounded by one move per stream moved and one more: a leg that
+        takes longer costs the prompt no more than the rule allowed for.
+        """
+        move_s = self.move_s()
+        prefill_s = tokens / self.decider.prefill_tps(worker_id)
+        if prefill_s <= move_s:  # most requests: no clearing pays, so no loads to read
+            return None
+        loads = self.loads()
+        src = next((ld for ld in loads if ld.id == worker_id), None)
+        if src is None or src.movable < 1:
+            return None
+        # A worker prefilling already is no place to move a stream to.
+        dests = [ld for ld in loads if ld.id != worker_id and self.decider.queue_s(ld.id, now) <= 0]
+        pick = clearing(src, dests, prefill_s, self.itl_s, move_s)
+        target = self.registry.get(pick[0]) if pick else None
+        if pick is None or target is None:
+            return None
+        to, room, why = pick
+        moved = [st for st in self.migrator.movable(worker_id)[-room:] if st.move(target, why)]
+        waits = [st.handed.wait() for st in moved if st.handed is not None]
+        if waits:
+            try:
+                await asyncio.wait_for(asyncio.gather(*waits), (len(moved) + 1) * move_s)
+            except TimeoutError:
+                pass
+        return (to, len(moved), why) if moved else None
 
     def move(self, frm: str, to: str, why: str) -> bool:
         """Move the youngest movable stream of `frm` to `to` (it has the most to go)."""

@@ -251,6 +251,9 @@ class MigratingStream:
         self.flows = 0
         self._flow_to: Backend | None = None
         self._handoff_from: Backend | None = None
+        # Set once the old worker answered a move's one-token leg (or the move was
+        # given up): a prompt that waits to be prefilled there goes after it.
+        self.handed: asyncio.Event | None = None
         migrator.live[request_id] = self
 
     @property
@@ -271,8 +274,13 @@ class MigratingStream:
         if not self.movable or target.id == self.worker.id or not target.routable:
             return False
         self._flow_to, self._why = target, why
+        self.handed = asyncio.Event()
         self.upstream.content.set_exception(Moving())
         return True
+
+    def _handed_off(self) -> None:
+        if self.handed is not None:
+            self.handed.set()
 
     # ------------------------------------------------------------- reading
 
@@ -384,6 +392,7 @@ class MigratingStream:
         """
         self._disarm()
         self._unwatch()
+        self._handed_off()
         if self._own_leg:
             if self._ended:
                 self.upstream.release()
@@ -455,6 +464,7 @@ class MigratingStream:
         if self.splice.continuation() is None:
             self._out, self._ended = self.splice.closing(), True
             self._flow_to = None
+            self._handed_off()
             return
         self._handoff_from = old
         now = self.m.clock()
@@ -496,6 +506,7 @@ class MigratingStream:
             if flow.routable and self.m.registry.get(flow.id) is flow:
                 return flow
             self._handoff_from = None  # the chosen worker went away: a plain move
+            self._handed_off()
         for wid, (b, t, down) in list(self._excluded.items()):
             cur = self.m.registry.get(wid)
             if cur is not b or now - t >= self.m.settings.exclude_s or (down and b.routable):
@@ -533,6 +544,7 @@ class MigratingStream:
             self._handoff_from = None
             bound = self.m.stall_s(source) if left is None else min(left, self.m.stall_s(source))
             params, cost = await handoff(self.session, source.url, self.path, body, rid, bound)
+            self._handed_off()
             if params is not None:
                 body = {**body, "kv_transfer_params": params}
         try:

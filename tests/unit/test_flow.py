@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from pdbox.devtools.mock_openai import MockConfig
-from pdbox.router.flow import Balancer, Load, pays, plan
+from pdbox.router.flow import Balancer, Load, clearing, pays, plan
 from tests.helpers import sse_events
 from tests.unit.test_migration_router import split, tokens_text
 from tests.unit.test_router_app import Box, chat, pd_profile, run, until
@@ -75,6 +75,42 @@ def test_balancer_counts_moves_and_damps_them() -> None:
     assert b.step() is None  # within the dwell (8 ITL targets = 2 s)
     t[0] = 2.1
     assert b.step() == ("a", "b") and b.moves == 2
+
+
+def test_streams_leave_a_worker_before_a_long_prefill_when_it_pays() -> None:
+    src = load("a", 3, step=0.06, slope=0.003)
+    # A 0.6 s prefill would hold each of a's 3 streams 0.6 s; moved, each pauses
+    # 0.15 s. b's step stays within the target with all 3, and b's one stream runs
+    # 3 slopes slower for the prefill's span: 3 x 0.45 - 3 x 0.003 x 0.6 / 0.069.
+    pick = clearing(src, [load("b", 1, step=0.06, slope=0.003)], 0.6, ITL, MOVE)
+    assert pick is not None and pick[:2] == ("b", 3)
+    assert "save 1.27 stream-s against 0.45 s for the prompt" in pick[2]
+    # The least loaded destination, and only as many as keep its step in the target.
+    pick = clearing(src, [load("b", 6, step=0.24, slope=0.004), load("c", 4, step=0.24,
+                                                                    slope=0.004)],
+                    2.0, ITL, MOVE)
+    assert pick is not None and pick[:2] == ("c", 2)
+
+
+def test_no_clearing_for_a_short_prefill_a_full_destination_or_nothing_movable() -> None:
+    dest = [load("b", 1)]
+    assert clearing(load("a", 3), dest, MOVE, ITL, MOVE) is None  # no longer than a move
+    assert clearing(load("a", 3), dest, 0.25, ITL, MOVE) is None  # 3 x 0.10 <= 3 x 0.15
+    assert clearing(load("a", 3, movable=0), dest, 2.0, ITL, MOVE) is None
+    assert clearing(load("a", 3), [load("b", 1, step=0.26)], 2.0, ITL, MOVE) is None
+    assert clearing(load("a", 3), [load("b", 1, step=None)], 2.0, ITL, MOVE) is None
+    assert clearing(load("a", 3), [], 2.0, ITL, MOVE) is None
+
+
+def test_a_clearing_move_holds_both_workers_for_the_dwell() -> None:
+    t = [0.0]
+    b = Balancer(ITL, lambda: [load("a", 0), load("b", 4, step=0.2)],
+                 lambda f, to, why: True, lambda: t[0], lambda: MOVE)
+    b.moved("a", "b")
+    t[0] = 1.0
+    assert b.step() is None and b.moves == 1  # b would give one back, but dwells
+    t[0] = 2.1
+    assert b.step() == ("b", "a")
 
 
 N = 30
@@ -147,5 +183,41 @@ def test_the_live_view_reads_streams_steps_and_what_is_left() -> None:
         for r in responses:
             await r.read()
             r.release()
+
+    run(check, SLOW, pd_profile())
+
+
+def test_a_worker_is_cleared_before_it_prefills_and_the_legs_go_first() -> None:
+    """FlowView.clear on a live router: the stream moves by KV, and clear returns
+    only once its one-token leg was answered by the worker that will prefill."""
+    from pdbox.calibration import Calibration
+
+    async def check(box: Box) -> None:
+        view = box.router.flow_view
+        cal = Calibration(prefill_tps=1000.0, overhead_s=0.05, decode_step_s={1: 0.06, 4: 0.07})
+        box.router.seed_calibration("decode", cal)
+        box.router.seed_calibration("prefill", cal)
+        body = chat("count", stream=True, max_tokens=N)
+        async with box.post("/v1/chat/completions", body,
+                            headers={"X-Request-Id": "clear-1"}) as r:
+            home = r.headers["x-pdbox-decode-worker"]
+            other = "prefill-0" if home == "decode-0" else "decode-0"
+            raw = b""
+            while raw.count(b"data:") < 4:
+                raw += await r.content.readany()
+            await until(lambda: any(x.movable for x in view.loads() if x.id == home))
+            # 1,000 uncached tokens: a 1 s prefill at the seeded speed.
+            done = await view.clear(home, 1000, 0.0)
+            assert done is not None and done[:2] == (other, 1), done
+            assert "clear before a 1.00 s prefill" in done[2]
+            leg = box.mocks[home].seen[-1]["body"]
+            assert leg["kv_transfer_params"]["do_remote_decode"] is True
+            # A short prompt clears nothing.
+            assert await view.clear(other, 50, 0.0) is None
+            raw += await r.read()
+        chunks, rest = split(sse_events(raw))
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert text == tokens_text(N) and rest[-1] == "[DONE]"
+        assert box.router.migrator.snapshot()["flows"]["kv"] == 1
 
     run(check, SLOW, pd_profile())
