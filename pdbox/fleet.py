@@ -354,7 +354,8 @@ class Fleet:
     def _on_worker_state(self, w: Worker) -> None:
         before = b.state if (b := self.registry.get(w.id)) is not None else None
         self.registry.upsert(w.id, w.role, w.spec.url, w.state,
-                             max_num_seqs=w.spec.max_num_seqs)
+                             max_num_seqs=w.spec.max_num_seqs,
+                             step_tokens=w.spec.max_num_batched_tokens)
         # An unresponsive worker is not routed to, but its cache is intact if it
         # answers again: what we believed it held is forgotten only once it is
         # restarted, drained or gone.

@@ -40,6 +40,10 @@ class Backend:
     num_blocks: int = 0  # the worker's KV cache size in blocks, from vllm:cache_config_info
     # The --max-num-seqs the worker was started with (0: not known).
     max_num_seqs: int = 0
+    # Its --max-num-batched-tokens: the most prompt tokens one engine step
+    # prefills, so the longest a prefill there holds up its streams per step
+    # (0: not known).
+    step_tokens: int = 0
     # What the worker was seen to run at most: its running count at a scrape that
     # showed a waiting queue while its max_num_seqs or its KV cache was full
     # (`learn_limit`); 0 while no such limit is known.
@@ -89,16 +93,17 @@ class Registry:
         self.backends: dict[str, Backend] = {}
 
     def upsert(self, id: str, role: str, url: str, state: str, kv_events: str | None = None,
-               max_num_seqs: int = 0) -> Backend:
+               max_num_seqs: int = 0, step_tokens: int = 0) -> Backend:
         b = self.backends.get(id)
         if b is None or b.url != url:
             b = Backend(id=id, role=role, url=url, state=state, kv_events_endpoint=kv_events,
-                        max_num_seqs=max_num_seqs)
+                        max_num_seqs=max_num_seqs, step_tokens=step_tokens)
             self.backends[id] = b
         else:
             b.state = state
             b.kv_events_endpoint = kv_events
             b.max_num_seqs = max_num_seqs or b.max_num_seqs
+            b.step_tokens = step_tokens or b.step_tokens
         return b
 
     def remove(self, id: str) -> None:

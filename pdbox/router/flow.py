@@ -90,7 +90,7 @@ def plan(loads: list[Load], last_move: Mapping[str, float], now: float,
     return hi.id, lo.id, f"rebalance: {hi.id} ran {hi.streams} streams, {lo.id} {lo.streams}; {why}"
 
 
-def clearing(src: Load, dests: list[Load], prefill_s: float, itl_s: float,
+def clearing(src: Load, dests: list[Load], prefill_s: float, chunk_s: float, itl_s: float,
              move_s: float) -> tuple[str, int, str] | None:
     """(to, how many, why): streams to move off `src` before it prefills a prompt
     for `prefill_s` seconds, or None.
@@ -103,7 +103,10 @@ def clearing(src: Load, dests: list[Load], prefill_s: float, itl_s: float,
     in progress would wait for all of it): at most a move per stream moved. So
     the moves are made when the stream-seconds they save, net of the growth of
     the destination's step for the streams already there, pass what they cost
-    the prompt.
+    the prompt; and only when the move's pause (`move_s` and a first step
+    there) is no longer than the longest gap the prefill would make on `src`
+    (its step beside one chunk, `chunk_s`): a worker with a small step budget
+    already keeps every gap short, and a move would make one longer gap.
     """
     if src.movable < 1 or prefill_s <= move_s:
         return None
@@ -112,6 +115,10 @@ def clearing(src: Load, dests: list[Load], prefill_s: float, itl_s: float,
         return None
     lo = min(ok, key=lambda d: (d.streams, d.id))
     assert lo.step_s is not None
+    pause = move_s + lo.step_s + lo.slope_s
+    gap = (src.step_s if src.step_s is not None else lo.step_s) + chunk_s
+    if pause > gap:
+        return None
     room = src.movable
     while room and lo.step_s + room * lo.slope_s > itl_s:
         room -= 1

@@ -102,7 +102,9 @@ class FlowView:
             return None
         # A worker prefilling already is no place to move a stream to.
         dests = [ld for ld in loads if ld.id != worker_id and self.decider.queue_s(ld.id, now) <= 0]
-        pick = clearing(src, dests, prefill_s, self.itl_s, move_s)
+        b = self.registry.get(worker_id)
+        chunk = min(tokens, b.step_tokens or tokens) if b is not None else tokens
+        pick = clearing(src, dests, prefill_s, prefill_s * chunk / tokens, self.itl_s, move_s)
         target = self.registry.get(pick[0]) if pick else None
         if pick is None or target is None:
             return None

@@ -82,24 +82,27 @@ def test_streams_leave_a_worker_before_a_long_prefill_when_it_pays() -> None:
     # A 0.6 s prefill would hold each of a's 3 streams 0.6 s; moved, each pauses
     # 0.15 s. b's step stays within the target with all 3, and b's one stream runs
     # 3 slopes slower for the prefill's span: 3 x 0.45 - 3 x 0.003 x 0.6 / 0.069.
-    pick = clearing(src, [load("b", 1, step=0.06, slope=0.003)], 0.6, ITL, MOVE)
+    # A step budget that takes the whole prompt in one step (chunk = prefill).
+    pick = clearing(src, [load("b", 1, step=0.06, slope=0.003)], 0.6, 0.6, ITL, MOVE)
     assert pick is not None and pick[:2] == ("b", 3)
     assert "save 1.27 stream-s against 0.45 s for the prompt" in pick[2]
     # The least loaded destination, and only as many as keep its step in the target.
     pick = clearing(src, [load("b", 6, step=0.24, slope=0.004), load("c", 4, step=0.24,
                                                                     slope=0.004)],
-                    2.0, ITL, MOVE)
+                    2.0, 1.0, ITL, MOVE)
     assert pick is not None and pick[:2] == ("c", 2)
+    # A small step budget keeps each gap shorter than a move's pause: no move.
+    assert clearing(src, [load("b", 1, step=0.06, slope=0.003)], 0.6, 0.07, ITL, MOVE) is None
 
 
 def test_no_clearing_for_a_short_prefill_a_full_destination_or_nothing_movable() -> None:
     dest = [load("b", 1)]
-    assert clearing(load("a", 3), dest, MOVE, ITL, MOVE) is None  # no longer than a move
-    assert clearing(load("a", 3), dest, 0.25, ITL, MOVE) is None  # 3 x 0.10 <= 3 x 0.15
-    assert clearing(load("a", 3, movable=0), dest, 2.0, ITL, MOVE) is None
-    assert clearing(load("a", 3), [load("b", 1, step=0.26)], 2.0, ITL, MOVE) is None
-    assert clearing(load("a", 3), [load("b", 1, step=None)], 2.0, ITL, MOVE) is None
-    assert clearing(load("a", 3), [], 2.0, ITL, MOVE) is None
+    assert clearing(load("a", 3), dest, MOVE, MOVE, ITL, MOVE) is None  # no longer than a move
+    assert clearing(load("a", 3), dest, 0.25, 0.25, ITL, MOVE) is None  # 3 x 0.10 <= 3 x 0.15
+    assert clearing(load("a", 3, movable=0), dest, 2.0, 2.0, ITL, MOVE) is None
+    assert clearing(load("a", 3), [load("b", 1, step=0.26)], 2.0, 2.0, ITL, MOVE) is None
+    assert clearing(load("a", 3), [load("b", 1, step=None)], 2.0, 2.0, ITL, MOVE) is None
+    assert clearing(load("a", 3), [], 2.0, 2.0, ITL, MOVE) is None
 
 
 def test_a_clearing_move_holds_both_workers_for_the_dwell() -> None:
