@@ -97,7 +97,8 @@ class NixlConfig:
     backend: str = "UCX"
     ucx_tls: str = "tcp,sm,self"
     # Polling delay of NIXL's progress thread. The Python API creates agents with
-    # 0 us, which spins a whole core per worker; 500 us keeps idle use near 5 %.
+    # 0 us, which spins a whole core per worker; 500 us keeps idle use near 5 %
+    # (cpu-tiny takes 5,000: its workers share their core with the poll).
     progress_delay_us: int = 500
     buffer_device: str = "cpu"
     # What the decode worker does when a KV pull fails.

@@ -130,7 +130,7 @@ def test_cpu_pythonpath_puts_the_site_dir_first(cpu_tiny: config.Profile) -> Non
 
 def test_cpu_tuning_carries_delay_cores_and_versions(cpu_tiny: config.Profile) -> None:
     t = _tuning(_build(cpu_tiny, "decode", online_cores=[0, 1]))
-    assert t.nixl_delay_us == 500
+    assert t.nixl_delay_us == cpu_tiny.nixl.progress_delay_us == 5000
     assert t.kv_cores == (1,)
     # Two cores and both computing: no helper cores, the worker keeps its own.
     assert t.process_cores == (1,)
