@@ -73,10 +73,17 @@ class FlowView:
         return max(0, self.max_model_len - st.splice.prompt_tokens - st.splice.tokens)
 
     def move_s(self) -> float:
-        """A move's pause to its stream: the median KV leg of the last moves, else a
-        one-token request's time from calibration (its fixed cost and one step)."""
-        legs = [m["leg_ms"] / 1000 for m in self.migrator.flow_recent[-RECENT_MOVES:]
-                if m.get("ok") and m.get("leg_ms")]
+        """A move's pause to its stream: the median gap the clients of the last moves
+        saw across them (`pause_ms`: the KV leg, the pull and the first step on the
+        new worker; several legs at once take longer each), else the median KV leg,
+        else a one-token request's time from calibration (its fixed cost and one
+        step). The rules add the destination's step to it, which counts that step
+        twice once pauses are measured: an error toward not moving."""
+        recent = [m for m in self.migrator.flow_recent[-RECENT_MOVES:] if m.get("ok")]
+        pauses = [m["pause_ms"] / 1000 for m in recent if m.get("pause_ms")]
+        if pauses:
+            return statistics.median(pauses)
+        legs = [m["leg_ms"] / 1000 for m in recent if m.get("leg_ms")]
         if legs:
             return statistics.median(legs)
         cals = [c for c in (self.calibration_of(r) for r in self.serving_roles()) if c]

@@ -173,6 +173,15 @@ class Migrator:
                         f"after {tokens} tokens ({why}; KV leg {cost.get('leg_ms', 0):.0f} ms, "
                         f"{cost.get('computed_on_old', 0)} tokens computed for it)")
 
+    def flow_paused(self, request_id: str, seconds: float) -> None:
+        """The gap the client saw across a move by KV: from the last token relayed
+        from the old worker to the first from the new one (the move's real cost to
+        its stream, which the balancer and clearing weigh, flowing.FlowView.move_s)."""
+        for rec in reversed(self.flow_recent):
+            if rec.get("request_id") == request_id:
+                rec["pause_ms"] = round(1000 * seconds, 1)
+                return
+
     def moved(self, request_id: str, frm: str, to: str, move: int, tokens: int,
               why: str) -> None:
         self.most_moves = max(self.most_moves, move)
@@ -254,6 +263,8 @@ class MigratingStream:
         # Set once the old worker answered a move's one-token leg (or the move was
         # given up): a prompt that waits to be prefilled there goes after it.
         self.handed: asyncio.Event | None = None
+        self._last_out: float | None = None  # when a token was last relayed (loop time)
+        self._pause_from: float | None = None  # a move by KV began after that token
         migrator.live[request_id] = self
 
     @property
@@ -331,6 +342,11 @@ class MigratingStream:
                 self._failed(f"{self.worker.id}: {exc}")
                 continue
             if out:
+                now = self._loop.time()
+                if self._pause_from is not None:
+                    self.m.flow_paused(self.request_id, now - self._pause_from)
+                    self._pause_from = None
+                self._last_out = now
                 return out
 
     # ------------------------------------------------------------ stalls
@@ -467,6 +483,7 @@ class MigratingStream:
             self._handed_off()
             return
         self._handoff_from = old
+        self._pause_from = self._last_out if self._last_out is not None else self._loop.time()
         now = self.m.clock()
         self._placing_since = now
         self._last_keepalive = now

@@ -148,6 +148,10 @@ def test_a_stream_moves_by_kv_and_arrives_whole() -> None:
         assert cont["continue_final_message"] is True
         snap = box.router.migrator.snapshot()["flows"]
         assert snap["kv"] == 1 and snap["recent"][0]["from"] == home
+        # The pause the client saw: the leg, then the new worker's first token.
+        rec = snap["recent"][0]
+        assert rec["pause_ms"] > rec["leg_ms"] > 0
+        assert box.router.flow_view.move_s() == pytest.approx(rec["pause_ms"] / 1000)
         await until(lambda: "flow-1" not in box.router.migrator.live)
         assert 'pdbox_stream_flows_total{how="kv"} 1' in await box.metrics()
 
