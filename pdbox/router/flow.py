@@ -105,8 +105,9 @@ def clearing(src: Load, dests: list[Load], prefill_s: float, chunk_s: float, itl
     the destination's step for the streams already there, pass what they cost
     the prompt; and only when the move's pause (`move_s` and a first step
     there) is no longer than the longest gap the prefill would make on `src`
-    (its step beside one chunk, `chunk_s`): a worker with a small step budget
-    already keeps every gap short, and a move would make one longer gap.
+    (its step beside one chunk, `chunk_s`), with the legs of several moves
+    sharing a step there (a partial block each): a worker with a small step
+    budget already keeps every gap short, and a move would make one longer gap.
     """
     if src.movable < 1 or prefill_s <= move_s:
         return None
@@ -115,12 +116,15 @@ def clearing(src: Load, dests: list[Load], prefill_s: float, chunk_s: float, itl
         return None
     lo = min(ok, key=lambda d: (d.streams, d.id))
     assert lo.step_s is not None
-    pause = move_s + lo.step_s + lo.slope_s
     gap = (src.step_s if src.step_s is not None else lo.step_s) + chunk_s
-    if pause > gap:
-        return None
+
+    def fits(n: int) -> bool:
+        # The legs of n moves share a step on `src`, each with its last partial block.
+        there = lo.step_s + n * lo.slope_s
+        return there <= itl_s and move_s + (n - 1) * src.block_s + there <= gap
+
     room = src.movable
-    while room and lo.step_s + room * lo.slope_s > itl_s:
+    while room and not fits(room):
         room -= 1
     if room < 1:
         return None

@@ -77,7 +77,7 @@ class FlowView:
         saw across them (`pause_ms`: the KV leg, the pull and the first step on the
         new worker; several legs at once take longer each), else the median KV leg,
         else a one-token request's time from calibration (its fixed cost and one
-        step). The rules add the destination's step to it, which counts that step
+        step, twice). The rules add the destination's step to it, which counts that step
         twice once pauses are measured: an error toward not moving."""
         recent = [m for m in self.migrator.flow_recent[-RECENT_MOVES:] if m.get("ok")]
         pauses = [m["pause_ms"] / 1000 for m in recent if m.get("pause_ms")]
@@ -86,9 +86,11 @@ class FlowView:
         legs = [m["leg_ms"] / 1000 for m in recent if m.get("leg_ms")]
         if legs:
             return statistics.median(legs)
+        # Before any move: two one-token requests in turn, the leg on the old
+        # worker and the continuation's first token on the new, from calibration.
         cals = [c for c in (self.calibration_of(r) for r in self.serving_roles()) if c]
         if cals:
-            return max(c.overhead_s + (c.step_at(1) or 0.0) for c in cals)
+            return 2 * max(c.overhead_s + (c.step_at(1) or 0.0) for c in cals)
         return self.itl_s
 
     async def clear(self, worker_id: str, tokens: int, now: float) -> tuple[str, int, str] | None:

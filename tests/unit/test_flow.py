@@ -91,6 +91,11 @@ def test_streams_leave_a_worker_before_a_long_prefill_when_it_pays() -> None:
                                                                     slope=0.004)],
                     2.0, 1.0, ITL, MOVE)
     assert pick is not None and pick[:2] == ("c", 2)
+    # The legs of several moves share a step on the source, a partial block each:
+    # with 150 ms blocks, three would pause longer than a 0.46 s step there, two not.
+    heavy = load("a", 3, step=0.06, slope=0.003, block_s=0.15)
+    pick = clearing(heavy, [load("b", 1, step=0.06, slope=0.003)], 1.0, 0.4, ITL, MOVE)
+    assert pick is not None and pick[:2] == ("b", 2)
     # A small step budget keeps each gap shorter than a move's pause: no move.
     assert clearing(src, [load("b", 1, step=0.06, slope=0.003)], 0.6, 0.07, ITL, MOVE) is None
 
@@ -182,7 +187,7 @@ def test_the_live_view_reads_streams_steps_and_what_is_left() -> None:
         cal = Calibration(prefill_tps=1000.0, overhead_s=0.05, decode_step_s={1: 0.06, 4: 0.09})
         box.router.seed_calibration("decode", cal)
         box.router.seed_calibration("prefill", cal)
-        assert view.move_s() == pytest.approx(0.11)
+        assert view.move_s() == pytest.approx(0.22)  # two one-token requests in turn
         idle = [x for x in view.loads() if not x.streams]
         assert all(x.step_s == 0.06 and x.slope_s == pytest.approx(0.01) for x in idle)
         assert all(x.block_s == pytest.approx(box.router.profile.model.block_size / 1000.0)
