@@ -561,11 +561,10 @@ def validate(p: Profile, ld: _Loader | None = None) -> None:
     r = p.router
     if not 0 <= r.port <= 65535:
         raise fail("router.port", "must lie within 0..65535")
-    gate = r.pd_min_uncached_tokens
-    if isinstance(gate, bool) or (isinstance(gate, str) and gate != "auto") or (
-            isinstance(gate, int) and gate < 0):
+    # Its type ("auto" or an integer) was checked as it was read (_INT_OR_AUTO).
+    if r.fixed_gate is not None and r.fixed_gate < 0:
         raise fail("router.pd_min_uncached_tokens",
-                   f"must be \"auto\" or a token count of 0 or more, not {gate!r}")
+                   f"must be \"auto\" or a token count of 0 or more, not {r.fixed_gate}")
     if p.autoscaler.resplit_dwell_s < 0:
         raise fail("autoscaler.resplit_dwell_s", "must not be negative")
     if r.soft_roles_hold_s < 0:

@@ -263,8 +263,9 @@ class MigratingStream:
         # Set once the old worker answered a move's one-token leg (or the move was
         # given up): a prompt that waits to be prefilled there goes after it.
         self.handed: asyncio.Event | None = None
-        self._last_out: float | None = None  # when a token was last relayed (loop time)
-        self._pause_from: float | None = None  # a move by KV began after that token
+        # A move by KV began while the stream waited from this time (loop time):
+        # the read that `Moving` ended started when the last token was relayed.
+        self._pause_from: float | None = None
         migrator.live[request_id] = self
 
     @property
@@ -315,7 +316,7 @@ class MigratingStream:
             try:
                 chunk = await self.upstream.content.readany()
             except Moving:
-                self._read_since = None
+                self._pause_from, self._read_since = self._read_since, None
                 self._flowing()
                 continue
             except TimeoutError:
@@ -342,11 +343,9 @@ class MigratingStream:
                 self._failed(f"{self.worker.id}: {exc}")
                 continue
             if out:
-                now = self._loop.time()
                 if self._pause_from is not None:
-                    self.m.flow_paused(self.request_id, now - self._pause_from)
+                    self.m.flow_paused(self.request_id, self._loop.time() - self._pause_from)
                     self._pause_from = None
-                self._last_out = now
                 return out
 
     # ------------------------------------------------------------ stalls
@@ -483,7 +482,6 @@ class MigratingStream:
             self._handed_off()
             return
         self._handoff_from = old
-        self._pause_from = self._last_out if self._last_out is not None else self._loop.time()
         now = self.m.clock()
         self._placing_since = now
         self._last_keepalive = now
